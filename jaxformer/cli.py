@@ -1,0 +1,107 @@
+"""The ``jaxformer`` command: train | sample | bench.
+
+Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxformer.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def experiment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("experiment", help="experiment file, e.g. experiments/gpt_tiny.py")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config value (repeatable)")
+
+    p = sub.add_parser("train", help="train (or resume) a run")
+    experiment_args(p)
+    p.add_argument("--run-dir", type=Path, help="default: runs/<config name>")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue a run dir whose saved config differs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 disables")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+    p = sub.add_parser("bench", help="time train steps on synthetic tokens")
+    experiment_args(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _load(args: argparse.Namespace):
+    from jaxformer import config as config_lib
+
+    cfg = config_lib.load_experiment(args.experiment)
+    return config_lib.apply_overrides(cfg, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from jaxformer.train.loop import train
+
+    result = train(cfg, args.run_dir, allow_config_change=args.allow_config_change,
+                   progress=not args.no_progress)
+    if result.evals:
+        last = max(result.evals)
+        print(f"done: step {result.final_step}, validation loss {result.evals[last]:.4f} "
+              f"(unigram baseline {result.unigram_baseline:.4f}); run dir {result.run_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from jaxformer.inference.restore import load_generator
+    from jaxformer.inference.sampling import SamplingParams
+
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    generator, tokenizer, eos = load_generator(args.run_dir, args.step)
+    ids = tokenizer.encode(args.prompt).ids
+    new = generator.generate(ids, args.max_new_tokens,
+                             SamplingParams(args.temperature, args.top_k, args.top_p),
+                             seed=args.seed, stop_token=eos)
+    print(args.prompt + tokenizer.decode([t for t in new if t != eos]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    from jaxformer.train.bench import bench, print_result
+
+    print_result(bench(cfg, args.steps, args.warmup))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The typed experiment schema, experiment-file loading, and KEY=VALUE overrides.
+
+An experiment is a Python file with a function ``config() -> Config``. Every field below is a
+key a user can override from the command line with ``--set section.field=value``; the value is
+parsed to the field's declared type and validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from jaxformer.errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad experiment file, key or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only Transformer shape and numerics."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    vocab_size: int = 8192
+    d_ff: int = 0  # 0 means 4 * d_model
+    max_len: int = 1024  # longest sequence the position table (and the KV cache) supports
+    pos_encoding: str = "learned"  # learned | sinusoidal
+    sinusoidal_base: float = 10000.0
+    attention: str = "reference"  # reference | xla (jax.nn.dot_product_attention)
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    source: str = "stdlib"  # "stdlib", a file or directory of text/JSONL, or a hub dataset name
+    text_field: str = "text"  # JSONL / hub column holding the text
+    seq_len: int = 256
+    val_fraction: float = 0.05  # share of *documents* held out for validation
+    seed: int = 0  # shuffles documents (split, order); independent of the training seed
+    cache_dir: str = ""  # "" means $JAXFORMER_CACHE or ~/.cache/jaxformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # global batch, in sequences
+    steps: int = 1000
+    seed: int = 0  # parameter init and batch order
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # devices on the data axis; -1 means all devices
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 200
+    batches: int = 8  # 0 means the whole validation split
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Samples printed at the end of training."""
+
+    prompts: tuple[str, ...] = ("def ", "class ", "import ")
+    max_new_tokens: int = 120
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_experiment(path: str | Path) -> Config:
+    """Imports an experiment file and returns its ``config()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    module = _import_file(path)
+    make = getattr(module, "config", None)
+    if not callable(make):
+        raise ConfigError(f"{path} defines no config() function returning a jaxformer Config")
+    cfg = make()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, expected Config")
+    return validate(cfg)
+
+
+def _import_file(path: Path) -> types.ModuleType:
+    name = f"jaxformer_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import experiment file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    return module
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``model.d_model``."""
+    cfg = Config() if cfg is None else cfg
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Applies ``KEY=VALUE`` strings in order and validates the result."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        cfg = set_key(cfg, key.strip(), raw)
+    return validate(cfg)
+
+
+def set_key(cfg: Config, key: str, raw: str) -> Config:
+    valid = all_keys(cfg)
+    if key not in valid:
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    return _replace_path(cfg, key.split("."), raw, key)
+
+
+def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
+    name = parts[0]
+    if len(parts) > 1:
+        return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), parts[1:],
+                                                               raw, key)})
+    hints = typing.get_type_hints(type(obj))
+    return dataclasses.replace(obj, **{name: parse_value(raw, hints[name], key)})
+
+
+def parse_value(raw: str, typ: Any, key: str) -> Any:
+    """Parses ``raw`` to ``typ``; a mismatch is a ConfigError naming key, value and type."""
+    def bad() -> ConfigError:
+        return ConfigError(f"bad value for {key}: {raw!r} is not a valid {_type_name(typ)}")
+
+    text = raw.strip()
+    if typ is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise bad()
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise bad() from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad() from None
+    if typ is str:
+        return raw
+    if typing.get_origin(typ) is tuple:
+        (item_type, _) = typing.get_args(typ)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            raise bad() from None
+        if not isinstance(items, list) or not all(isinstance(i, item_type) for i in items):
+            raise bad()
+        return tuple(items)
+    raise bad()
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is tuple:
+        return f"JSON list of {typing.get_args(typ)[0].__name__}"
+    return typ.__name__
+
+
+# --- validation --------------------------------------------------------------------------------
+
+_CHOICES = {
+    "model.pos_encoding": ("learned", "sinusoidal"),
+    "model.attention": ("reference", "xla"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+}
+_POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
+             "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
+             "train.grad_accum", "checkpoint.every", "checkpoint.keep", "log.every", "eval.every")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that types alone cannot; raises ConfigError with one line."""
+    for key in all_keys(cfg):
+        typ = typing.get_type_hints(type(get_owner(cfg, key)))[key.split(".")[-1]]
+        value = get_key(cfg, key)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        base = typing.get_origin(typ) or typ
+        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+            raise ConfigError(f"bad value for {key}: {value!r} is not a valid {_type_name(typ)}")
+    for key, choices in _CHOICES.items():
+        if get_key(cfg, key) not in choices:
+            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)!r}; choose one of "
+                              f"{', '.join(choices)}")
+    for key in _POSITIVE:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be positive")
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
+                          f"model.n_heads={m.n_heads}")
+    if cfg.data.seq_len > m.max_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"bad value for data.val_fraction: {cfg.data.val_fraction} must be in "
+                          "[0, 1)")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 and "
+                          f"train.steps={t.steps}")
+    if t.lr <= 0:
+        raise ConfigError(f"bad value for train.lr: {t.lr} must be positive")
+    return cfg
+
+
+def get_owner(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split(".")[:-1]:
+        obj = getattr(obj, part)
+    return obj
+
+
+# --- serialization -----------------------------------------------------------------------------
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a Config saved with ``to_json`` (tuples come back from JSON lists)."""
+    def build(cls: Any, values: dict[str, Any]) -> Any:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                value = build(typ, value)
+            elif typing.get_origin(typ) is tuple:
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    return validate(build(Config, data))
+
+
+def diff(old: Config, new: Config) -> list[str]:
+    """Keys whose values differ, as ``key: old -> new`` lines."""
+    return [f"{k}: {get_key(old, k)!r} -> {get_key(new, k)!r}" for k in all_keys(old)
+            if get_key(old, k) != get_key(new, k)]

@@ -1,0 +1,1 @@
+"""Training objectives: batch transforms and the weighted cross-entropy loss."""

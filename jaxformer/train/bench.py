@@ -1,0 +1,88 @@
+"""``jaxformer bench``: time train steps on synthetic tokens, after compilation.
+
+Prints progress, then one JSON line (the last line of output) with params, tokens_per_sec,
+step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6LTD, see
+``jaxformer.train.flops``), mfu, peak_flops and device.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxformer.config import Config
+from jaxformer.parallel.mesh import check_batch_layout, make_mesh
+from jaxformer.parallel.sharding import batch_sharding, replicated
+from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
+from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxformer.train.state import abstract_model, create_train_state
+from jaxformer.train.step import make_train_step
+
+
+def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Uniform random tokens, one document per row, every target counted."""
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "loss_weights": np.ones((b, t), np.float32)}
+
+
+def bench(cfg: Config, steps: int, warmup: int = 2,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    mesh = make_mesh(cfg.mesh)
+    check_batch_layout(cfg, mesh.shape["data"])
+    tx = make_optimizer(cfg.train)
+    graphdef, _ = abstract_model(cfg.model)
+    state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    b_sharding = batch_sharding(mesh)
+    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train),
+                              cfg.train.grad_accum, state_sharding, b_sharding, replicated(mesh))
+    batch = jax.device_put(synthetic_batch(cfg), b_sharding)
+
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    echo(f"compiled in {compile_s:.1f}s; {warmup} warm-up + {steps} timed steps")
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / step_time
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    device = mesh.devices.flat[0]
+    peak = device_peak_flops(device, cfg.model.compute_dtype)
+    return {
+        "params": count_params(state.params),
+        "tokens_per_sec": tokens_per_sec,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "compile_s": compile_s,
+        "flops_per_token": fpt,
+        "mfu": mfu(fpt, tokens_per_sec, mesh.size, peak),
+        "peak_flops": peak,
+        "n_devices": mesh.size,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "compute_dtype": cfg.model.compute_dtype,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)

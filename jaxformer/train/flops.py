@@ -1,0 +1,88 @@
+"""Parameter counts, FLOPs per token, device peak FLOP/s and model FLOPs utilization (MFU).
+
+FLOPs per trained token (PaLM appendix B convention, causal attention halved):
+
+    flops_per_token = 6 * N_matmul + 6 * L * T * D
+
+* ``N_matmul`` counts the weights that take part in matrix multiplies: per layer the fused QKV
+  (3·D²) and output (D²) projections and the two MLP matrices (2·D·F), plus V·D for the tied
+  un-embedding. Embedding and position lookups, biases and norm scales cost no matmul FLOPs.
+  A matmul with a weight of n entries costs 2n FLOPs per token forward, and training (forward
+  + backward) costs three times the forward: 6n.
+* ``6·L·T·D``: per layer and token, the forward QKᵀ and AV products cost 2·T·D each
+  (4·T·D); training triples it (12·T·D); causal masking halves the useful part (6·T·D).
+
+MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.config import ModelConfig
+
+# Dense peak FLOP/s per chip from vendor data sheets, by dtype.
+_PEAK_TABLE = {
+    "H100": {"bfloat16": 989.4e12, "float32": 494.7e12},  # SXM; float32 runs as TF32
+    "H200": {"bfloat16": 989.4e12, "float32": 494.7e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    d, f = cfg.d_model, cfg.d_ff or 4 * cfg.d_model
+    return cfg.n_layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token; see the module docstring for the formula."""
+    return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def device_peak_flops(device: jax.Device, dtype: str = "float32") -> float:
+    """Peak FLOP/s of one device: the data-sheet value for known accelerators; on CPU the
+    measured float32 matmul rate (``JAXFORMER_PEAK_FLOPS`` overrides either)."""
+    if "JAXFORMER_PEAK_FLOPS" in os.environ:
+        return float(os.environ["JAXFORMER_PEAK_FLOPS"])
+    kind = getattr(device, "device_kind", "")
+    for name, peaks in _PEAK_TABLE.items():
+        if name.lower() in kind.lower():
+            return peaks.get(dtype, peaks["float32"])
+    if device.platform == "cpu":
+        return measured_cpu_matmul_peak()
+    return float("nan")
+
+
+@functools.cache
+def measured_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an n×n matmul (2n³ FLOPs) on the default CPU device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def mfu(flops_per_tok: float, tokens_per_sec: float, n_devices: int, peak_per_device: float
+        ) -> float:
+    return flops_per_tok * tokens_per_sec / (n_devices * peak_per_device)

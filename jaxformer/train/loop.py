@@ -1,0 +1,188 @@
+"""The training loop: data -> jitted step over a mesh -> metrics, evals, checkpoints, samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from jaxformer.config import Config
+from jaxformer.data.pipeline import DataPipeline
+from jaxformer.data.tokenizer import save_tokenizer
+from jaxformer.errors import UserError
+from jaxformer.inference.sampling import Generator, SamplingParams
+from jaxformer.parallel.mesh import check_batch_layout, make_mesh
+from jaxformer.parallel.sharding import batch_sharding, replicated
+from jaxformer.train import rundir
+from jaxformer.train.checkpoint import Checkpointer
+from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
+from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxformer.train.reporting import Reporter, format_metrics
+from jaxformer.train.state import abstract_model, abstract_train_state, create_train_state
+from jaxformer.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    final_step: int
+    losses: dict[int, float]  # step (1-based, after the update) -> train loss of that step
+    evals: dict[int, float]  # step -> validation loss
+    unigram_baseline: float
+    samples: list[str]
+
+
+def build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> DataPipeline:
+    d = cfg.data
+    return DataPipeline.create(
+        source=d.source, seq_len=d.seq_len, vocab_size=cfg.model.vocab_size,
+        val_fraction=d.val_fraction, seed=d.seed,
+        tokenizer_path=Path(run_dir) / rundir.TOKENIZER_FILE, text_field=d.text_field,
+        cache_dir=d.cache_dir or None, log=log)
+
+
+def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change: bool = False,
+          stop_at: int | None = None, echo: Callable[[str], None] = print,
+          progress: bool = True, devices: list[jax.Device] | None = None) -> TrainResult:
+    """Trains (or resumes) the run in ``run_dir``. ``stop_at`` ends this invocation early at
+    that step, as an interruption would, saving a checkpoint first."""
+    run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(cfg)
+    saved = rundir.read_config(run_dir)
+    if saved is not None:
+        rundir.check_compatible(saved, cfg, run_dir, allow_config_change)
+    mesh = make_mesh(cfg.mesh, devices)
+    check_batch_layout(cfg, mesh.shape["data"])
+
+    # Everything that can fail on user input happens before the run dir is touched.
+    data = build_data(cfg, run_dir, echo)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}")
+    tx = make_optimizer(cfg.train)
+    schedule = learning_rate_schedule(cfg.train)
+    graphdef, _ = abstract_model(cfg.model)
+    target = abstract_train_state(cfg.model, tx, mesh)
+    state_sharding = jax.tree.map(lambda s: s.sharding, target)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(target)
+        echo(f"resumed {run_dir} from step {int(state.step)}")
+    else:
+        state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
+    rundir.write_config(run_dir, cfg)
+    if not (run_dir / rundir.TOKENIZER_FILE).exists():
+        save_tokenizer(data.tokenizer, run_dir / rundir.TOKENIZER_FILE)
+
+    n_params = count_params(state.params)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = device_peak_flops(mesh.devices.flat[0], cfg.model.compute_dtype)
+    baseline = data.unigram_baseline()
+    echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTD); "
+         f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; "
+         f"unigram baseline {baseline:.3f} nats/token")
+
+    b_sharding = batch_sharding(mesh)
+    rep = replicated(mesh)
+    train_step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, state_sharding,
+                                 b_sharding, rep)
+    eval_step = make_eval_step(graphdef, state_sharding.params, b_sharding, rep)
+    reporter = Reporter(run_dir, echo)
+    meta = {"config": rundir.config_lib.to_dict(cfg), "n_devices": mesh.size}
+
+    def evaluate(params: Any) -> dict[str, float]:
+        sums = np.zeros(3)
+        for batch in data.val_batches(cfg.train.batch_size, cfg.eval.batches or None):
+            out = eval_step(params, jax.device_put(batch.as_dict(), b_sharding))
+            sums += [float(out["loss_sum"]), float(out["weight_sum"]), float(out["correct_sum"])]
+        loss = sums[0] / max(sums[1], 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "accuracy": sums[2] / max(sums[1], 1.0)}
+
+    start = int(jax.device_get(state.step))
+    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    losses: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
+                    dynamic_ncols=True, leave=True)
+    last_time, last_step = time.perf_counter(), start
+    step = start
+    try:
+        for step in range(start + 1, end + 1):
+            host_batch = data.train_batch(step - 1, cfg.train.batch_size, cfg.train.seed)
+            batch = jax.device_put(host_batch.as_dict(), b_sharding)
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            bar.update(1)
+            if step % cfg.log.every == 0 or step == end:
+                fetched = jax.device_get(pending)
+                pending.clear()
+                now = time.perf_counter()
+                elapsed = (now - last_time) / (step - last_step)
+                last_time, last_step = now, step
+                for s, m in fetched:
+                    losses[s] = float(m["loss"])
+                m = fetched[-1][1]
+                tps = tokens_per_step / elapsed
+                values = {"loss": float(np.mean([f[1]["loss"] for f in fetched])),
+                          "accuracy": float(m["accuracy"]), "lr": float(m["lr"]),
+                          "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
+                          "tokens_per_sec": tps, "step_time_s": elapsed,
+                          "mfu": mfu(fpt, tps, mesh.size, peak)}
+                reporter.scalars(step, values, "train")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                bar.write(f"step {step:>6} | {format_metrics(values)}")
+            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                ev = evaluate(state.params)
+                evals[step] = ev["loss"]
+                reporter.scalars(step, ev, "eval")
+                bar.write(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
+                          f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f} "
+                          f"(unigram baseline {baseline:.3f})")
+            if step % cfg.checkpoint.every == 0 or step == end:
+                ckpt.save(state, meta)
+    except KeyboardInterrupt:
+        bar.close()
+        ckpt.save(state, meta)
+        ckpt.close()
+        reporter.close()
+        raise UserError(f"interrupted at step {int(state.step)}; checkpoint saved in {run_dir}; "
+                        "run the same command again to resume") from None
+    bar.close()
+    ckpt.close()
+
+    samples: list[str] = []
+    if step == cfg.train.steps and cfg.sample.prompts:
+        samples = generate_samples(cfg, graphdef, state.params, data)
+        text = "\n\n".join(f"--- prompt {p!r}\n{p}{s}" for p, s in
+                           zip(cfg.sample.prompts, samples, strict=True))
+        (run_dir / "samples.txt").write_text(text + "\n")
+        reporter.text(step, "samples", text)
+        echo(f"samples (temperature {cfg.sample.temperature}, top-k {cfg.sample.top_k}, "
+             f"top-p {cfg.sample.top_p}):\n{text}")
+    reporter.close()
+    return TrainResult(run_dir=run_dir, start_step=start, final_step=step, losses=losses,
+                       evals=evals, unigram_baseline=baseline, samples=samples)
+
+
+def generate_samples(cfg: Config, graphdef: Any, params: Any, data: DataPipeline) -> list[str]:
+    generator = Generator(graphdef, jax.device_get(params), cfg.model.max_len)
+    sampling = SamplingParams(cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p)
+    out = []
+    for i, prompt in enumerate(cfg.sample.prompts):
+        ids = [int(t) for t in data.encode(prompt)]
+        new = generator.generate(ids, cfg.sample.max_new_tokens, sampling, seed=i,
+                                 stop_token=data.eos_id)
+        out.append(data.decode([t for t in new if t != data.eos_id]))
+    return out

@@ -1,0 +1,52 @@
+"""Run directories: the saved config, the tokenizer, and refusing conflicting reuse.
+
+Layout of ``runs/<name>/``: ``config.json`` (resolved config), ``tokenizer.json``,
+``checkpoints/<step>/`` (orbax), TensorBoard event files, ``samples.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxformer import config as config_lib
+from jaxformer.config import Config
+from jaxformer.errors import UserError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Keys that may change between invocations on one run dir without changing what is trained.
+FREE_KEYS = ("log.", "eval.", "checkpoint.", "sample.", "data.cache_dir")
+
+
+def read_config(run_dir: Path) -> Config | None:
+    """The config saved in ``run_dir``, or None if there is none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return config_lib.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, UserError) as e:
+        raise UserError(f"{path} is not a readable jaxformer config: {e}") from e
+
+
+def check_compatible(saved: Config, new: Config, run_dir: Path, allow_change: bool) -> None:
+    """Refuses to continue a run whose training-relevant config changed."""
+    changed = [line for line in config_lib.diff(saved, new) if not line.startswith(FREE_KEYS)]
+    if changed and not allow_change:
+        raise UserError(
+            f"{run_dir} holds a run with a different config ({'; '.join(changed)}); use another "
+            "--run-dir, or pass --allow-config-change to continue it with the new config")
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    path = Path(run_dir) / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config_lib.to_json(cfg) + "\n")
+    tmp.replace(path)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / cfg.name

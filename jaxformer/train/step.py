@@ -1,0 +1,100 @@
+"""The pure, jitted train and eval steps.
+
+Batches are dicts of [B, T] arrays: ``inputs``, ``targets``, ``segment_ids``, ``positions``
+(int32) and ``loss_weights`` (float32). The loss is the weighted cross-entropy summed over the
+whole global batch and divided once by the number of real target tokens, so splitting the batch
+into micro-batches (gradient accumulation) or over devices does not change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxformer.objectives.loss import cross_entropy_sums
+from jaxformer.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def make_loss_sums(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], Metrics]:
+    def loss_sums(params: Any, batch: Batch) -> Metrics:
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
+
+    return loss_sums
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int, state_sharding: TrainState,
+                    batch_sharding: NamedSharding, metrics_sharding: NamedSharding
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
+    and the incoming state donated (updated in place)."""
+    loss_sums = make_loss_sums(graphdef)
+
+    def sum_grads(params: Any, batch: Batch) -> tuple[Any, Metrics]:
+        def objective(p):
+            sums = loss_sums(p, batch)
+            return sums["loss_sum"], sums
+
+        grads, sums = jax.grad(objective, has_aux=True)(params)
+        return grads, sums
+
+    def accumulate(params: Any, batch: Batch) -> tuple[Any, Metrics]:
+        if grad_accum == 1:
+            return sum_grads(params, batch)
+
+        # [B, T] -> [A, B/A, T]: micro-batch i takes rows i, i+A, ...; rows stay on the
+        # device that holds them, since each device's contiguous block splits evenly.
+        def split(x):
+            return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+        micro = jax.tree.map(split, batch)
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        zero_sums = {k: jnp.zeros((), jnp.float32)
+                     for k in ("loss_sum", "weight_sum", "correct_sum")}
+
+        def body(carry, mb):
+            grads, sums = sum_grads(params, mb)
+            acc_g, acc_s = carry
+            return (jax.tree.map(jnp.add, acc_g, grads),
+                    jax.tree.map(jnp.add, acc_s, sums)), None
+
+        (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), micro)
+        return grads, sums
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, sums = accumulate(state.params, batch)
+        n = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["loss_sum"] / n,
+            "accuracy": sums["correct_sum"] / n,
+            "target_tokens": sums["weight_sum"],
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "lr": schedule(state.step),
+        }
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, params_sharding: Any, batch_sharding: NamedSharding,
+                   metrics_sharding: NamedSharding) -> Callable[[Any, Batch], Metrics]:
+    """Builds ``eval_step(params, batch) -> {loss_sum, weight_sum, correct_sum}``."""
+    return jax.jit(make_loss_sums(graphdef), in_shardings=(params_sharding, batch_sharding),
+                   out_shardings=metrics_sharding)
