@@ -63,7 +63,7 @@ class Generator:
         logits, cache = model.decode(tokens, cache, jnp.zeros((), jnp.int32))
         return logits[:, -1], cache
 
-    @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(3,))
+    @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
     def _step(self, params, token, index, cache, key, sampling: SamplingParams):
         model = nnx.merge(self.graphdef, params)
         logits, cache = model.decode(token[:, None], cache, index)

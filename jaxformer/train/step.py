@@ -82,8 +82,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "loss": sums["loss_sum"] / n,
             "accuracy": sums["correct_sum"] / n,
             "target_tokens": sums["weight_sum"],
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
         }
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)

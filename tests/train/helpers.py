@@ -1,0 +1,62 @@
+"""Builds a tiny model's train state and step for tests (no data pipeline involved)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jaxformer import config as config_lib
+from jaxformer.config import Config
+from jaxformer.parallel.mesh import make_mesh
+from jaxformer.parallel.sharding import batch_sharding, replicated
+from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxformer.train.state import abstract_model, create_train_state
+from jaxformer.train.step import make_train_step
+
+TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+        "model.max_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=20",
+        "train.warmup_steps=2", "train.lr=1e-2"]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return config_lib.apply_overrides(Config(), TINY + list(overrides))
+
+
+def random_batch(cfg: Config, seed: int, pad_tail: int = 3) -> dict[str, np.ndarray]:
+    """Random tokens, two packed documents per row, the last ``pad_tail`` positions padding."""
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    half = t // 2
+    seg = np.where(np.arange(t) < half, 1, 2).astype(np.int32)
+    pos = np.where(np.arange(t) < half, np.arange(t), np.arange(t) - half).astype(np.int32)
+    weights = np.ones((b, t), np.float32)
+    weights[:, half - 1] = 0  # the target of a document's last token is the next document's
+    seg = np.broadcast_to(seg, (b, t)).copy()
+    if pad_tail:
+        seg[:, -pad_tail:] = 0
+        weights[:, -pad_tail:] = 0
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+            "positions": np.broadcast_to(pos, (b, t)).copy(), "loss_weights": weights}
+
+
+def make_runner(cfg: Config, devices=None):
+    """-> (state, step_fn, batch_sharding) on a mesh over ``devices`` (default: one)."""
+    mesh = make_mesh(cfg.mesh, devices if devices is not None else jax.devices()[:1])
+    tx = make_optimizer(cfg.train)
+    graphdef, _ = abstract_model(cfg.model)
+    state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
+    shard = jax.tree.map(lambda x: x.sharding, state)
+    b_sharding = batch_sharding(mesh)
+    step = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train), cfg.train.grad_accum,
+                           shard, b_sharding, replicated(mesh))
+    return state, step, b_sharding
+
+
+def run_steps(cfg: Config, n: int, devices=None) -> tuple[list[float], object]:
+    state, step, b_sharding = make_runner(cfg, devices)
+    losses = []
+    for s in range(n):
+        state, metrics = step(state, jax.device_put(random_batch(cfg, s), b_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
