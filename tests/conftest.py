@@ -10,9 +10,18 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Token and tokenizer caches go to a per-session temp dir, never the user's home."""
-    cache = tmp_path_factory.getbasetemp() / "jaxformer-cache"
-    monkeypatch.setenv("JAXFORMER_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Token, tokenizer and datasets caches go to a per-session temp dir, never the user's
+    home. Session-scoped so module-scoped fixtures (and the CLI processes they start, which
+    inherit the environment) see it too."""
+    base = tmp_path_factory.getbasetemp()
+    saved = {k: os.environ.get(k) for k in ("JAXFORMER_CACHE", "HF_DATASETS_CACHE")}
+    os.environ["JAXFORMER_CACHE"] = str(base / "jaxformer-cache")
+    os.environ["HF_DATASETS_CACHE"] = str(base / "hf-datasets")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

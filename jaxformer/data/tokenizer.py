@@ -1,0 +1,89 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`): train, save, load, encode.
+
+Byte-level means every byte has a token, so any UTF-8 text (code with tabs, unicode, odd
+whitespace) encodes without unknown tokens and decodes back exactly.
+"""
+
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jaxformer.data.cache import atomic_write_text
+from jaxformer.data.errors import DataError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOS, PAD)  # in id order: EOS = 0, PAD = 1
+
+# 256 byte tokens + the special tokens + room for at least a few merges; below this BPE learns
+# (almost) nothing and the "tokenizer" is just bytes.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 42
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with at most `vocab_size` tokens on `texts`.
+
+    EOS gets id 0 and PAD id 1. The result can be smaller than `vocab_size` when the texts
+    do not hold enough distinct merges; use `tok.get_vocab_size()` for the actual size.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+            f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens + merges)"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 bytes, even those absent from the training texts, so any text is encodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    """Write `tok` as a tokenizer.json file, atomically (temp file then rename)."""
+    atomic_write_text(pathlib.Path(path), tok.to_str())
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a tokenizer.json file written by `save_tokenizer`; DataError if missing or invalid."""
+    path = pathlib.Path(path)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for unreadable/invalid files
+        raise DataError(f"cannot load tokenizer {path}: {str(e).strip()[:200]}") from e
+    if tok.token_to_id(EOS) is None:
+        raise DataError(f"tokenizer {path} has no {EOS} token; it was not made by jaxformer")
+    return tok
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """Id of the end-of-document token."""
+    token_id = tok.token_to_id(EOS)
+    if token_id is None:
+        raise DataError(f"tokenizer has no {EOS} token")
+    return token_id
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Tokenize each text: returns one int32 array [n_tokens_i] per text.
+
+    A literal "<|endoftext|>" inside a document is encoded as ordinary text, so that EOS only
+    ever appears where the pipeline puts it, between documents.
+    """
+    previous = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        # encode_batch runs in parallel in Rust; no special tokens are added around documents.
+        encodings = tok.encode_batch(list(texts), add_special_tokens=False)
+    finally:
+        tok.encode_special_tokens = previous
+    return [np.asarray(e.ids, dtype=np.int32) for e in encodings]

@@ -1,0 +1,136 @@
+"""The command line as a user meets it: clear one-line errors with exit 2, nothing in an
+existing run dir changed; train, sample and bench work end to end on tiny settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.corpus import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = str(ROOT / "experiments" / "gpt_tiny.py")
+TINY = ["--set", "model.n_layers=1", "--set", "model.d_model=32", "--set", "model.n_heads=2",
+        "--set", "model.vocab_size=300", "--set", "data.seq_len=32", "--set", "model.max_len=64",
+        "--set", "train.batch_size=4", "--set", "train.steps=4", "--set", "train.warmup_steps=1",
+        "--set", "eval.every=2", "--set", "eval.batches=1", "--set", "log.every=2",
+        "--set", "checkpoint.every=2", "--set", "sample.max_new_tokens=5"]
+
+
+def jaxformer(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "jaxformer.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_user_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished tiny run on a corpus holding one non-UTF-8 file."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(tmp / "corpus", n_docs=30)
+    (corpus / "latin1.txt").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    run = tmp / "run"
+    out = jaxformer("train", EXPERIMENT, *TINY, "--set", f"data.source={corpus}",
+                    "--run-dir", str(run), "--no-progress")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return corpus, run, out
+
+
+def test_train_reports_skipped_file_eval_and_samples(trained_run):
+    corpus, run, out = trained_run
+    text = out.stdout + out.stderr
+    assert "skipped" in text and "1" in text  # the latin-1 file is counted, not fatal
+    assert "eval loss" in text and "perplexity" in text
+    assert "samples" in text
+    assert "done: step 4" in out.stdout
+    for name in ("config.json", "tokenizer.json", "samples.txt"):
+        assert (run / name).exists(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "model.dmodel=64"], ["unknown config key 'model.dmodel'", "model.d_model"]),
+    (["--set", "train.steps=ten"], ["train.steps", "'ten'", "int"]),
+    (["--set", "train.lr"], ["KEY=VALUE"]),
+    (["--set", "data.source=/nonexistent/corpus"], ["/nonexistent/corpus"]),
+])
+def test_bad_input_is_one_line_exit_2_and_run_dir_untouched(trained_run, args, needles):
+    _, run, _ = trained_run
+    before = snapshot(run)
+    out = jaxformer("train", EXPERIMENT, *TINY, *args, "--run-dir", str(run), "--no-progress")
+    assert_user_error(out, *needles)
+    assert snapshot(run) == before
+
+
+def test_empty_data_dir_and_all_bad_files(tmp_path, trained_run):
+    _, run, _ = trained_run
+    before = snapshot(run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = jaxformer("train", EXPERIMENT, *TINY, "--set", f"data.source={empty}",
+                    "--run-dir", str(run))
+    assert_user_error(out, str(empty))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
+    out = jaxformer("train", EXPERIMENT, *TINY, "--set", f"data.source={bad}",
+                    "--run-dir", str(run))
+    assert_user_error(out, str(bad))
+    assert snapshot(run) == before
+
+
+def test_missing_experiment_file(tmp_path):
+    out = jaxformer("train", str(tmp_path / "nope.py"))
+    assert_user_error(out, "experiment file not found", "nope.py")
+
+
+def test_conflicting_run_dir_is_refused(trained_run):
+    corpus, run, _ = trained_run
+    before = snapshot(run)
+    out = jaxformer("train", EXPERIMENT, *TINY, "--set", f"data.source={corpus}",
+                    "--set", "train.lr=0.5", "--run-dir", str(run))
+    assert_user_error(out, "train.lr", "--allow-config-change")
+    assert snapshot(run) == before
+
+
+def test_sample_greedy_is_deterministic(trained_run):
+    _, run, _ = trained_run
+    args = ["sample", str(run), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]
+    a, b = jaxformer(*args), jaxformer(*args)
+    assert a.returncode == 0, a.stderr[-2000:]
+    assert a.stdout.startswith("def ") and a.stdout == b.stdout
+    out = jaxformer("sample", str(run), "--prompt", "def ", "--max-new-tokens", "1000")
+    assert_user_error(out, "max_len")
+    assert_user_error(jaxformer("sample", str(run.parent / "nope")), "not a jaxformer run dir")
+
+
+def test_bench_prints_json_last_line():
+    out = jaxformer("bench", EXPERIMENT, *TINY, "--steps", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("params", "tokens_per_sec", "step_time_s", "compile_s", "flops_per_token", "mfu",
+                "device"):
+        assert key in result, key
+    # 1 layer, d 32, vocab 300, T 32: 6 * (4*32^2 + 2*32*128 + 300*32) + 6*1*32*32
+    assert result["flops_per_token"] == 6 * (4 * 32**2 + 2 * 32 * 128 + 300 * 32) + 6 * 32 * 32
+    assert result["tokens_per_sec"] > 0 and 0 < result["mfu"] < 1

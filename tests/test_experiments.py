@@ -1,0 +1,25 @@
+"""Every experiment file loads, validates, and runs one train step (on a small corpus, so
+the test does not depend on the size of the machine's standard library)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jaxformer import config as config_lib
+from jaxformer.train.loop import train
+from tests.corpus import write_corpus
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_runs_one_step(path, tmp_path):
+    cfg = config_lib.load_experiment(path)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=200)
+    cfg = config_lib.apply_overrides(cfg, [
+        f"data.source={corpus}", "train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
+        "eval.batches=1", "data.val_fraction=0.1", "sample.prompts=[]"])
+    result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert result.final_step == 1 and result.losses[1] > 0
