@@ -2,7 +2,8 @@
 
     jaxformer train experiments/gpt_tiny.py
 
-Finishes in under 10 minutes on 2 CPU cores.
+About 2.6M parameters; finishes in under 10 minutes on 2 CPU cores, validation loss far
+below the unigram baseline (numbers in the README).
 """
 
 from jaxformer.config import (
@@ -19,10 +20,10 @@ from jaxformer.config import (
 def config() -> Config:
     return Config(
         name="gpt_tiny",
-        model=ModelConfig(n_layers=4, d_model=256, n_heads=4, vocab_size=8192, max_len=256),
+        model=ModelConfig(n_layers=4, d_model=192, n_heads=4, vocab_size=4096, max_len=256),
         data=DataConfig(source="stdlib", seq_len=256),
-        train=TrainConfig(batch_size=16, steps=1000, lr=3e-3, warmup_steps=100),
-        checkpoint=CheckpointConfig(every=250, keep=2),
-        log=LogConfig(every=25),
-        eval=EvalConfig(every=250, batches=16),
+        train=TrainConfig(batch_size=16, steps=450, lr=2e-3, warmup_steps=30),
+        checkpoint=CheckpointConfig(every=150, keep=2),
+        log=LogConfig(every=10),
+        eval=EvalConfig(every=150, batches=16),
     )

@@ -116,6 +116,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
                     dynamic_ncols=True, leave=True)
+    say = bar.write if progress else echo  # tqdm.write keeps the bar below the lines
     last_time, last_step = time.perf_counter(), start
     step = start
     try:
@@ -142,12 +143,12 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                           "mfu": mfu(fpt, tps, mesh.size, peak)}
                 reporter.scalars(step, values, "train")
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                bar.write(f"step {step:>6} | {format_metrics(values)}")
+                say(f"step {step:>6} | {format_metrics(values)}")
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 ev = evaluate(state.params)
                 evals[step] = ev["loss"]
                 reporter.scalars(step, ev, "eval")
-                bar.write(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
+                say(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
                           f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f} "
                           f"(unigram baseline {baseline:.3f})")
             if step % cfg.checkpoint.every == 0 or step == end:
