@@ -22,7 +22,7 @@ def config() -> Config:
         name="gpt_tiny",
         model=ModelConfig(n_layers=4, d_model=192, n_heads=4, vocab_size=4096, max_len=256),
         data=DataConfig(source="stdlib", seq_len=256),
-        train=TrainConfig(batch_size=16, steps=450, lr=2e-3, warmup_steps=30),
+        train=TrainConfig(batch_size=16, steps=450, lr=3e-3, warmup_steps=30),
         checkpoint=CheckpointConfig(every=150, keep=2),
         log=LogConfig(every=10),
         eval=EvalConfig(every=150, batches=16),
