@@ -1,4 +1,4 @@
-"""The ``jaxformer`` command: train | sample | bench.
+"""The ``jaxformer`` command: train | sample | bench | convert.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
 """
@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+    p = sub.add_parser("convert", help="Hugging Face directory <-> jaxformer run dir")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", type=Path, metavar="HF_DIR",
+                           help="a transformers save_pretrained directory")
+    direction.add_argument("--to-hf", type=Path, metavar="RUN_DIR", help="a jaxformer run dir")
+    p.add_argument("--out", type=Path, required=True, help="the directory to create")
+    p.add_argument("--step", type=int, help="with --to-hf: checkpoint step (default latest)")
 
     p = sub.add_parser("bench", help="time train steps on synthetic tokens")
     experiment_args(p)
@@ -101,7 +109,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxformer.hf.run_dir import hf_to_run_dir, run_dir_to_hf
+
+    if args.from_hf is not None:
+        cfg = hf_to_run_dir(args.from_hf, args.out)
+        m = cfg.model
+        print(f"wrote run dir {args.out}: {m.n_layers} layers, d_model {m.d_model}, vocab "
+              f"{m.vocab_size}; fine-tune with --set train.init_from={args.out}")
+    else:
+        run_dir_to_hf(args.to_hf, args.out, args.step)
+        print(f"wrote {args.out} (config.json, model.safetensors)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench,
+            "convert": cmd_convert}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,6 +68,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    # Start a new run from these weights: a jaxformer run dir (its latest checkpoint) or a
+    # Hugging Face save_pretrained directory. Ignored when the run dir already has a checkpoint.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,12 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        """Whether ``directory`` holds at least one finished checkpoint (creates nothing)."""
+        directory = Path(directory)
+        return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

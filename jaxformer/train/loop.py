@@ -23,6 +23,7 @@ from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train import rundir
 from jaxformer.train.checkpoint import Checkpointer
 from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
+from jaxformer.train.init_from import load_params, state_from_params
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.reporting import Reporter, format_metrics
 from jaxformer.train.state import abstract_model, abstract_train_state, create_train_state
@@ -42,10 +43,14 @@ class TrainResult:
 
 def build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> DataPipeline:
     d = cfg.data
+    tokenizer_path = Path(run_dir) / rundir.TOKENIZER_FILE
+    init_tokenizer = Path(cfg.train.init_from) / rundir.TOKENIZER_FILE
+    if not tokenizer_path.exists() and cfg.train.init_from and init_tokenizer.is_file():
+        tokenizer_path = init_tokenizer  # fine-tuning keeps the tokenizer the weights know
     return DataPipeline.create(
         source=d.source, seq_len=d.seq_len, vocab_size=cfg.model.vocab_size,
         val_fraction=d.val_fraction, seed=d.seed,
-        tokenizer_path=Path(run_dir) / rundir.TOKENIZER_FILE, text_field=d.text_field,
+        tokenizer_path=tokenizer_path, text_field=d.text_field,
         cache_dir=d.cache_dir or None, log=log)
 
 
@@ -71,12 +76,18 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     graphdef, _ = abstract_model(cfg.model)
     target = abstract_train_state(cfg.model, tx, mesh)
     state_sharding = jax.tree.map(lambda s: s.sharding, target)
+    has_checkpoint = Checkpointer.exists(run_dir / rundir.CHECKPOINT_DIR)
+    init_params = (load_params(cfg.train.init_from, cfg.model)
+                   if cfg.train.init_from and not has_checkpoint else None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(target)
         echo(f"resumed {run_dir} from step {int(state.step)}")
+    elif init_params is not None:
+        state = state_from_params(init_params, cfg.model, tx, mesh)
+        echo(f"initialized from {cfg.train.init_from}")
     else:
         state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
     rundir.write_config(run_dir, cfg)

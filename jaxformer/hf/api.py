@@ -1,0 +1,98 @@
+"""``from_pretrained`` / ``save_pretrained``: Hugging Face directories <-> jaxformer models.
+
+Letters: B batch, T length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.hf import gpt2
+from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_dir, write_hf_dir
+from jaxformer.hf.mapping import export_tensors, flatten, import_tensors, unflatten_like
+from jaxformer.train.state import abstract_model
+
+# model_type in config.json -> the module describing that family's layout.
+FAMILIES: dict[str, types.ModuleType] = {gpt2.MODEL_TYPE: gpt2}
+
+
+def family_of(model_type: str) -> types.ModuleType:
+    if model_type not in FAMILIES:
+        raise HFConversionError(f"unsupported architecture {model_type!r}; supported: "
+                                f"{', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def param_shapes(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """-> (the pure parameter dict of ShapeDtypeStructs, {"a/b": shape})."""
+    _, abstract = abstract_model(cfg)
+    template = nnx.to_pure_dict(abstract)
+    return template, {k: tuple(v.shape) for k, v in flatten(template).items()}
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    """A jaxformer model with its parameters, called like a transformers model."""
+
+    config: ModelConfig
+    params: dict[str, Any]  # the pure parameter dict the trainer uses
+    model_type: str
+
+    def __post_init__(self) -> None:
+        graphdef, _ = abstract_model(self.config)
+
+        def forward(params, ids, positions, segment_ids):
+            return nnx.merge(graphdef, params)(ids, positions, segment_ids)
+
+        self._forward = jax.jit(forward)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None) -> jax.Array:
+        """input_ids: [B, T] int, attention_mask: [B, T] (1 real, 0 padding) -> logits
+        [B, T, V] float32. Positions count real tokens, so right padding changes nothing."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = (jnp.ones_like(ids) if attention_mask is None
+                else jnp.asarray(attention_mask, jnp.int32))
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        return self._forward(self.params, ids, positions, mask)
+
+
+def from_pretrained(directory: Path | str) -> PretrainedModel:
+    """Reads a transformers ``save_pretrained`` directory (config.json + safetensors)."""
+    hf_cfg, tensors = read_hf_dir(directory)
+    model_type = hf_cfg.get("model_type", "")
+    family = family_of(model_type)
+    cfg = family.model_config(hf_cfg)
+    return PretrainedModel(cfg, params_from_tensors(family, cfg, tensors), model_type)
+
+
+def params_from_tensors(family: types.ModuleType, cfg: ModelConfig,
+                        tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    template, shapes = param_shapes(cfg)
+    flat = import_tensors(family.rules(cfg), tensors, shapes)
+    return jax.tree.map(jnp.asarray, unflatten_like(template, flat))
+
+
+def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
+                    directory: Path | str, model_type: str = gpt2.MODEL_TYPE) -> None:
+    """Writes a directory that transformers' Auto* classes load with the same logits.
+
+    ``model`` is a ``PretrainedModel`` or a (model config, pure parameter dict) pair, e.g.
+    from a training run.
+    """
+    if isinstance(model, PretrainedModel):
+        cfg, params, model_type = model.config, model.params, model.model_type
+    else:
+        cfg, params = model
+    family = family_of(model_type)
+    family.check_exportable(cfg)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
+    write_hf_dir(directory, family.hf_config(cfg), export_tensors(family.rules(cfg), flat))

@@ -1,0 +1,81 @@
+"""Name-and-layout rules between jaxformer parameter paths and Hugging Face tensor names.
+
+A family (GPT-2, Llama, ...) lists one ``Rule`` per tensor: our path (``"blocks/0/attn/w_qkv"``),
+the transformers name, and the two layout functions between them. Import and export are then
+generic, and so are their errors: a missing tensor or a shape mismatch names the tensor with the
+expected and the found shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jaxformer.hf.checkpoint_io import HFConversionError
+
+Layout = Callable[[np.ndarray], np.ndarray]
+
+
+def same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ours: str  # "/"-joined path in the pure parameter dict
+    theirs: str  # transformers state_dict name
+    to_ours: Layout = same  # their array -> our layout (given our shape via `reshape_to`)
+    to_theirs: Layout = same
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Pure nested dict -> {"a/b/c": array}."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten_like(template: dict[str, Any], flat: dict[str, np.ndarray],
+                   prefix: str = "") -> dict[str, Any]:
+    """{"a/b/c": array} -> a nested dict with the keys (and key types) of ``template``."""
+    out: dict[Any, Any] = {}
+    for key, value in template.items():
+        path = f"{prefix}{key}"
+        out[key] = (unflatten_like(value, flat, path + "/") if isinstance(value, dict)
+                    else flat[path])
+    return out
+
+
+def import_tensors(rules: list[Rule], tensors: dict[str, np.ndarray],
+                   shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Their tensors -> our flat params, checking that every parameter is covered and fits."""
+    covered = {r.ours for r in rules}
+    uncovered = sorted(set(shapes) - covered)
+    if uncovered:
+        raise HFConversionError(f"no conversion rule for jaxformer parameter {uncovered[0]}")
+    flat = {}
+    for r in rules:
+        if r.theirs not in tensors:
+            raise HFConversionError(f"missing tensor {r.theirs} (for {r.ours})")
+        expected = tuple(r.to_theirs(np.zeros(shapes[r.ours], np.float32)).shape)
+        found = tuple(tensors[r.theirs].shape)
+        if found != expected:
+            raise HFConversionError(f"tensor {r.theirs}: expected shape {list(expected)}, "
+                                    f"found {list(found)}")
+        flat[r.ours] = np.asarray(r.to_ours(np.asarray(tensors[r.theirs], np.float32)),
+                                  np.float32).reshape(shapes[r.ours])
+    return flat
+
+
+def export_tensors(rules: list[Rule], flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our flat params -> their tensors."""
+    return {r.theirs: np.asarray(r.to_theirs(np.asarray(flat[r.ours], np.float32)), np.float32)
+            for r in rules}

@@ -1,0 +1,60 @@
+"""``jaxformer convert``: Hugging Face directory <-> jaxformer run dir.
+
+A converted run dir holds the config, the tokenizer (when the Hugging Face directory has a
+``tokenizer.json``) and a step-0 checkpoint, so ``jaxformer sample`` decodes from it and
+``jaxformer train`` can fine-tune from it (``--set train.init_from=RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxformer.config import Config, DataConfig
+from jaxformer.errors import UserError
+from jaxformer.hf.api import from_pretrained, save_pretrained
+from jaxformer.train import rundir
+from jaxformer.train.checkpoint import Checkpointer
+from jaxformer.train.optimizer import make_optimizer
+from jaxformer.train.state import TrainState
+
+TOKENIZER_FILE = "tokenizer.json"  # the name both transformers and jaxformer use
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another --out")
+
+
+def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
+    """Writes a run dir (config, tokenizer, step-0 checkpoint) from a transformers directory."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    _refuse_existing(out)
+    model = from_pretrained(hf_dir)  # every check happens before anything is written
+    cfg = Config(name=out.name, model=model.config,
+                 data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)))
+    tx = make_optimizer(cfg.train)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=model.params,
+                       opt_state=tx.init(model.params))
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_config(out, cfg)
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(hf_dir / TOKENIZER_FILE, out / rundir.TOKENIZER_FILE)
+    ckpt = Checkpointer(out / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
+    ckpt.save(state, {"config": rundir.config_lib.to_dict(cfg), "converted_from": str(hf_dir)})
+    ckpt.close()
+    return cfg
+
+
+def run_dir_to_hf(run_dir: Path | str, out: Path | str, step: int | None = None) -> None:
+    """Writes a transformers directory from a run dir's latest checkpoint (or ``step``)."""
+    from jaxformer.inference.restore import load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    _refuse_existing(out)
+    cfg, params = load_run(run_dir, step)
+    save_pretrained((cfg.model, params), out)
+    if (run_dir / rundir.TOKENIZER_FILE).is_file():
+        shutil.copyfile(run_dir / rundir.TOKENIZER_FILE, out / TOKENIZER_FILE)
