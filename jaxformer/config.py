@@ -26,21 +26,61 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only Transformer shape and numerics."""
+    """Transformer shape, block choices and numerics. Defaults give the GPT-2 layout; the
+    presets in ``jaxformer.models.presets`` set the other families."""
 
-    n_layers: int = 4
+    arch: str = "decoder"  # decoder | encoder | encoder_decoder
+    n_layers: int = 4  # encoder_decoder: encoder layers
+    n_decoder_layers: int = 0  # encoder_decoder: decoder layers; 0 means n_layers
     d_model: int = 256
     n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means n_heads (multi-head); 1 multi-query; else grouped-query
+    head_dim: int = 0  # 0 means d_model // n_heads
     vocab_size: int = 8192
-    d_ff: int = 0  # 0 means 4 * d_model
+    d_ff: int = 0  # 0 means 4 * d_model, or 8/3 * d_model (multiple of 8) for gated activations
     max_len: int = 1024  # longest sequence the position table (and the KV cache) supports
-    pos_encoding: str = "learned"  # learned | sinusoidal
+    # learned | sinusoidal | rope | alibi | t5_relative | shaw | none
+    pos_encoding: str = "learned"
     sinusoidal_base: float = 10000.0
-    attention: str = "reference"  # reference | xla (jax.nn.dot_product_attention)
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # share of each head's channels that rotate (partial rotary)
+    relative_buckets: int = 32  # t5_relative: log-spaced buckets; shaw: unused
+    relative_max_distance: int = 128  # t5_relative: last bucket starts here; shaw: clip offset
+    norm: str = "layernorm"  # layernorm | rmsnorm | scalenorm
+    norm_position: str = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x))
+    final_norm: bool = True  # a norm after the last block (pre-LN models need it)
+    activation: str = "gelu_tanh"  # relu | gelu | gelu_tanh | swiglu | geglu | geglu_tanh
+    use_bias: bool = True  # biases in attention and feed-forward projections (and LayerNorm)
+    tie_embeddings: bool = True  # un-embed with the token embedding table
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    embed_norm: bool = False  # a norm right after the embeddings (BERT)
+    type_vocab_size: int = 0  # >0: token-type (segment A/B) embeddings (BERT)
+    num_labels: int = 0  # >0: a pooled sequence-classification head with this many classes
+    scale_tied_logits: bool = False  # tied un-embedding of d_model^-0.5 * x (T5 v1.0)
+    sliding_window: int = 0  # >0: each token sees this many keys, itself included (Mistral)
+    attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
+    dropout: float = 0.0  # on embeddings and every residual branch, in training only
+    attention_dropout: float = 0.0  # on attention weights (runs the reference kernel)
+    # auto (per backend) | reference | xla | cudnn | flash | splash
+    attention: str = "reference"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
     init_std: float = 0.02
-    layer_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_width(self) -> int:
+        from jaxformer.nn.feedforward import default_d_ff
+
+        return self.d_ff or default_d_ff(self.d_model, self.activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +281,13 @@ def _type_name(typ: Any) -> str:
 # --- validation --------------------------------------------------------------------------------
 
 _CHOICES = {
-    "model.pos_encoding": ("learned", "sinusoidal"),
-    "model.attention": ("reference", "xla"),
+    "model.pos_encoding": ("learned", "sinusoidal", "rope", "alibi", "t5_relative", "shaw",
+                           "none"),
+    "model.arch": ("decoder", "encoder", "encoder_decoder"),
+    "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
+    "model.attention": ("auto", "reference", "xla", "cudnn", "flash", "splash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
 }
@@ -276,9 +321,23 @@ def validate(cfg: Config) -> Config:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be positive")
     m, t = cfg.model, cfg.train
-    if m.d_model % m.n_heads:
+    if not m.head_dim and m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
+                          f"model.n_heads={m.n_heads} (or set model.head_dim)")
+    if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide "
                           f"model.n_heads={m.n_heads}")
+    rotated = int(m.head_size * m.rope_fraction)
+    if m.pos_encoding == "rope" and (rotated % 2 or rotated <= 0 or m.rope_fraction > 1):
+        raise ConfigError(f"model.rope_fraction={m.rope_fraction} rotates {rotated} of "
+                          f"{m.head_size} head channels; it must be an even number > 0")
+    for key in ("model.dropout", "model.attention_dropout"):
+        if not 0.0 <= get_key(cfg, key) < 1.0:
+            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be in [0, 1)")
+    for key in ("model.d_ff", "model.head_dim", "model.sliding_window",
+                "model.n_decoder_layers", "model.type_vocab_size", "model.num_labels"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
     if t.batch_size % t.grad_accum:

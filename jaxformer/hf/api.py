@@ -39,9 +39,25 @@ def param_shapes(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tuple[int,
     return template, {k: tuple(v.shape) for k, v in flatten(template).items()}
 
 
+def _real_positions(mask: jax.Array) -> jax.Array:
+    """[B, T] 1/0 -> positions counting real tokens, so right padding changes nothing."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def _mask_or_ones(ids: jax.Array, mask: Any) -> jax.Array:
+    return jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
+
+
 @dataclasses.dataclass
 class PretrainedModel:
-    """A jaxformer model with its parameters, called like a transformers model."""
+    """A jaxformer model with its parameters, called like a transformers model.
+
+    Decoder-only and encoder-only: ``model(input_ids, attention_mask=None)`` (encoders also
+    take ``token_type_ids=``); encoder-decoder: ``model(input_ids, decoder_input_ids,
+    attention_mask=None, decoder_attention_mask=None)``. Inputs are [B, T] numpy or jax arrays;
+    attention masks are 1 for real tokens and 0 for padding. -> logits [B, T, V] float32 (the
+    decoder's length for encoder-decoders).
+    """
 
     config: ModelConfig
     params: dict[str, Any]  # the pure parameter dict the trainer uses
@@ -50,19 +66,36 @@ class PretrainedModel:
     def __post_init__(self) -> None:
         graphdef, _ = abstract_model(self.config)
 
-        def forward(params, ids, positions, segment_ids):
-            return nnx.merge(graphdef, params)(ids, positions, segment_ids)
+        def forward(params, *args):
+            return nnx.merge(graphdef, params)(*args)
 
         self._forward = jax.jit(forward)
 
-    def __call__(self, input_ids: Any, attention_mask: Any = None) -> jax.Array:
-        """input_ids: [B, T] int, attention_mask: [B, T] (1 real, 0 padding) -> logits
-        [B, T, V] float32. Positions count real tokens, so right padding changes nothing."""
+    def __call__(self, input_ids: Any, *args: Any, **kwargs: Any) -> jax.Array:
         ids = jnp.asarray(input_ids, jnp.int32)
-        mask = (jnp.ones_like(ids) if attention_mask is None
-                else jnp.asarray(attention_mask, jnp.int32))
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        return self._forward(self.params, ids, positions, mask)
+        if self.config.arch == "encoder_decoder":
+            return self._seq2seq(ids, *args, **kwargs)
+        if self.config.arch == "encoder":
+            return self._encoder(ids, *args, **kwargs)
+        return self._decoder(ids, *args, **kwargs)
+
+    def _decoder(self, ids: jax.Array, attention_mask: Any = None) -> jax.Array:
+        mask = _mask_or_ones(ids, attention_mask)
+        return self._forward(self.params, ids, _real_positions(mask), mask)
+
+    def _encoder(self, ids: jax.Array, attention_mask: Any = None,
+                 token_type_ids: Any = None) -> jax.Array:
+        mask = _mask_or_ones(ids, attention_mask)
+        types = None if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
+        return self._forward(self.params, ids, _real_positions(mask), mask, types)
+
+    def _seq2seq(self, ids: jax.Array, decoder_input_ids: Any, attention_mask: Any = None,
+                 decoder_attention_mask: Any = None) -> jax.Array:
+        dec = jnp.asarray(decoder_input_ids, jnp.int32)
+        mask = _mask_or_ones(ids, attention_mask)
+        dec_mask = _mask_or_ones(dec, decoder_attention_mask)
+        return self._forward(self.params, ids, dec, mask, dec_mask, _real_positions(mask),
+                             _real_positions(dec_mask))
 
 
 def from_pretrained(directory: Path | str) -> PretrainedModel:

@@ -2,7 +2,7 @@
 
 GPT-2 stores its projections as ``Conv1D`` weights, i.e. [in, out]: the same orientation as
 ours, so the layouts differ only by reshapes (the fused ``c_attn`` output splits as q|k|v, each
-heads-major).
+heads-major, into our ``w_q``, ``w_k``, ``w_v``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"
 
 
-def _matrix(x: np.ndarray) -> np.ndarray:
-    """[D, ...] -> [D, prod(...)] (their 2-D Conv1D weight)."""
-    return x.reshape(x.shape[0], -1)
+def _fused_qkv(*qkv: np.ndarray) -> np.ndarray:
+    """Our w_q, w_k, w_v [D, N, H] (or biases [N, H]) -> their c_attn [D, 3*N*H] (or [3*N*H])."""
+    lead = qkv[0].shape[:-2]
+    return np.concatenate([x.reshape(*lead, -1) for x in qkv], axis=-1)
 
 
-def _flat(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1)
+def _split_qkv(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(np.split(x, 3, axis=-1))
 
 
 def _out_matrix(x: np.ndarray) -> np.ndarray:
@@ -47,40 +48,51 @@ def model_config(hf: dict) -> ModelConfig:
                        vocab_size=hf["vocab_size"], d_ff=hf.get("n_inner") or 4 * d,
                        max_len=hf["n_positions"], pos_encoding="learned",
                        init_std=hf.get("initializer_range", 0.02),
-                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
 def hf_config(cfg: ModelConfig) -> dict:
     return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
             "vocab_size": cfg.vocab_size, "n_positions": cfg.max_len, "n_embd": cfg.d_model,
             "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff or None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
             "initializer_range": cfg.init_std, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
             "attn_pdrop": 0.0, "tie_word_embeddings": True, "use_cache": True}
 
 
+# What a GPT-2 checkpoint can hold: every other value of these keys has no GPT-2 counterpart.
+GPT2_LAYOUT = {"arch": "decoder", "pos_encoding": "learned", "norm": "layernorm",
+               "norm_position": "pre", "final_norm": True, "activation": "gelu_tanh",
+               "use_bias": True, "tie_embeddings": True, "embed_scale": False,
+               "embed_norm": False, "type_vocab_size": 0, "num_labels": 0, "n_kv_heads": 0,
+               "head_dim": 0, "sliding_window": 0, "attention_scale": 0.0}
+
+
 def check_exportable(cfg: ModelConfig) -> None:
-    if cfg.pos_encoding != "learned":
-        raise HFConversionError(f"GPT-2 needs learned positions, the model has "
-                                f"{cfg.pos_encoding!r}")
+    for key, value in GPT2_LAYOUT.items():
+        if getattr(cfg, key) != value and not (key == "n_kv_heads" and cfg.kv_heads == cfg.n_heads):
+            raise HFConversionError(f"GPT-2 needs model.{key}={value!r}, the model has "
+                                    f"{getattr(cfg, key)!r}")
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     out = [Rule("embed/table", "transformer.wte.weight"),
-           Rule("positions/table", "transformer.wpe.weight"),
+           Rule("inputs/positions/table", "transformer.wpe.weight"),
            Rule("final_norm/scale", "transformer.ln_f.weight"),
            Rule("final_norm/bias", "transformer.ln_f.bias")]
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks/{i}/", f"transformer.h.{i}."
         out += [
-            Rule(ours + "ln_attn/scale", theirs + "ln_1.weight"),
-            Rule(ours + "ln_attn/bias", theirs + "ln_1.bias"),
-            Rule(ours + "attn/w_qkv", theirs + "attn.c_attn.weight", to_theirs=_matrix),
-            Rule(ours + "attn/b_qkv", theirs + "attn.c_attn.bias", to_theirs=_flat),
+            Rule(ours + "attn_norm/scale", theirs + "ln_1.weight"),
+            Rule(ours + "attn_norm/bias", theirs + "ln_1.bias"),
+            Rule(tuple(ours + f"attn/w_{p}" for p in "qkv"), theirs + "attn.c_attn.weight",
+                 to_ours=_split_qkv, to_theirs=_fused_qkv),
+            Rule(tuple(ours + f"attn/b_{p}" for p in "qkv"), theirs + "attn.c_attn.bias",
+                 to_ours=_split_qkv, to_theirs=_fused_qkv),
             Rule(ours + "attn/w_out", theirs + "attn.c_proj.weight", to_theirs=_out_matrix),
             Rule(ours + "attn/b_out", theirs + "attn.c_proj.bias"),
-            Rule(ours + "ln_mlp/scale", theirs + "ln_2.weight"),
-            Rule(ours + "ln_mlp/bias", theirs + "ln_2.bias"),
+            Rule(ours + "mlp_norm/scale", theirs + "ln_2.weight"),
+            Rule(ours + "mlp_norm/bias", theirs + "ln_2.bias"),
             Rule(ours + "mlp/wi", theirs + "mlp.c_fc.weight"),
             Rule(ours + "mlp/bi", theirs + "mlp.c_fc.bias"),
             Rule(ours + "mlp/wo", theirs + "mlp.c_proj.weight"),

@@ -1,9 +1,11 @@
 """Name-and-layout rules between jaxformer parameter paths and Hugging Face tensor names.
 
-A family (GPT-2, Llama, ...) lists one ``Rule`` per tensor: our path (``"blocks/0/attn/w_qkv"``),
-the transformers name, and the two layout functions between them. Import and export are then
-generic, and so are their errors: a missing tensor or a shape mismatch names the tensor with the
-expected and the found shape.
+A family (GPT-2, Llama, ...) lists one ``Rule`` per tensor: our path (``"blocks/0/attn/w_q"``),
+the transformers name, and the two layout functions between them. A rule may also join several
+of our parameters into one of their tensors (GPT-2's fused ``c_attn`` holds our ``w_q``, ``w_k``
+and ``w_v``): then ``ours`` is a tuple, ``to_ours`` returns a tuple and ``to_theirs`` takes
+one. Import and export are then generic, and so are their errors: a missing tensor or a shape
+mismatch names the tensor with the expected and the found shape.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ def same(x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    ours: str  # "/"-joined path in the pure parameter dict
+    ours: str | tuple[str, ...]  # "/"-joined path(s) in the pure parameter dict
     theirs: str  # transformers state_dict name
-    to_ours: Layout = same  # their array -> our layout (given our shape via `reshape_to`)
-    to_theirs: Layout = same
+    to_ours: Callable[..., Any] = same  # their array -> our array (or tuple; reshaped after)
+    to_theirs: Callable[..., np.ndarray] = same  # our array(s) -> their array
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.ours if isinstance(self.ours, tuple) else (self.ours,)
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
@@ -57,25 +63,29 @@ def unflatten_like(template: dict[str, Any], flat: dict[str, np.ndarray],
 def import_tensors(rules: list[Rule], tensors: dict[str, np.ndarray],
                    shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Their tensors -> our flat params, checking that every parameter is covered and fits."""
-    covered = {r.ours for r in rules}
+    covered = {p for r in rules for p in r.paths}
     uncovered = sorted(set(shapes) - covered)
     if uncovered:
         raise HFConversionError(f"no conversion rule for jaxformer parameter {uncovered[0]}")
     flat = {}
     for r in rules:
         if r.theirs not in tensors:
-            raise HFConversionError(f"missing tensor {r.theirs} (for {r.ours})")
-        expected = tuple(r.to_theirs(np.zeros(shapes[r.ours], np.float32)).shape)
+            raise HFConversionError(f"missing tensor {r.theirs} (for {', '.join(r.paths)})")
+        zeros = [np.zeros(shapes[p], np.float32) for p in r.paths]
+        expected = tuple(r.to_theirs(*zeros).shape)
         found = tuple(tensors[r.theirs].shape)
         if found != expected:
             raise HFConversionError(f"tensor {r.theirs}: expected shape {list(expected)}, "
                                     f"found {list(found)}")
-        flat[r.ours] = np.asarray(r.to_ours(np.asarray(tensors[r.theirs], np.float32)),
-                                  np.float32).reshape(shapes[r.ours])
+        ours = r.to_ours(np.asarray(tensors[r.theirs], np.float32))
+        ours = ours if isinstance(r.ours, tuple) else (ours,)
+        for path, value in zip(r.paths, ours, strict=True):
+            flat[path] = np.asarray(value, np.float32).reshape(shapes[path])
     return flat
 
 
 def export_tensors(rules: list[Rule], flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our flat params -> their tensors."""
-    return {r.theirs: np.asarray(r.to_theirs(np.asarray(flat[r.ours], np.float32)), np.float32)
+    return {r.theirs: np.asarray(r.to_theirs(*[np.asarray(flat[p], np.float32) for p in r.paths]),
+                                 np.float32)
             for r in rules}

@@ -1,5 +1,32 @@
-"""Architectures assembled from ``jaxformer.nn`` blocks."""
+"""Architectures assembled from ``jaxformer.nn`` blocks, chosen by ``model.arch``.
 
+Calling conventions (all arrays [B, T] int unless said otherwise; logits float32):
+
+    decoder          DecoderLM(tokens, positions, segment_ids) -> [B, T, V]
+    encoder          EncoderModel(tokens, positions, segment_ids, token_types=None)
+                       -> [B, T, V] masked-LM logits; .classify(...) -> [B, num_labels]
+    encoder_decoder  EncoderDecoderLM(enc_tokens, dec_tokens, enc_segment_ids, dec_segment_ids,
+                       enc_positions=None, dec_positions=None) -> [B, T_dec, V]
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxformer.config import ModelConfig
 from jaxformer.models.decoder import DecoderLM
 
-__all__ = ["DecoderLM"]
+# model.arch -> the class that builds it; the encoder and encoder-decoder modules register
+# themselves here when they are imported below.
+ARCHITECTURES: dict[str, type[nnx.Module]] = {"decoder": DecoderLM}
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The model ``cfg.arch`` names, freshly initialized from ``rngs``."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={cfg.arch!r} is not built yet; available: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[cfg.arch](cfg, rngs=rngs)
+
+
+__all__ = ["ARCHITECTURES", "DecoderLM", "build_model"]

@@ -1,82 +1,84 @@
-"""Decoder-only Transformer language model (GPT-2 layout: pre-LN blocks, tied un-embedding).
+"""Decoder-only Transformer language model: GPT-2, Llama, Mistral and prefix-LM layouts, all
+from one config (see ``presets``).
 
 Letters: B batch, T length, D model width, V vocabulary, S cache length.
 """
 
 from __future__ import annotations
 
-import math
-
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.nn.attention import LayerCache, MultiHeadAttention, causal_segment_mask, decode_mask
+from jaxformer.models.common import (
+    AttentionInputs,
+    InputEmbedding,
+    RelativePositionBias,
+    TransformerBlock,
+    Unembedding,
+    dtypes,
+    split_rng,
+)
+from jaxformer.nn.attention import LayerCache, decode_mask
 from jaxformer.nn.embedding import Embedding
-from jaxformer.nn.feedforward import GeluMlp
-from jaxformer.nn.norms import LayerNorm
-from jaxformer.nn.positional import LearnedPositions, sinusoidal_encoding
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class DecoderBlock(nnx.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
-        # GPT-2: projections into the residual stream start smaller, by 1/sqrt(2 * layers).
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.ln_attn = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, param_dtype=pdtype)
-        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std,
-                                       out_std=out_std, implementation=cfg.attention,
-                                       dtype=dtype, param_dtype=pdtype, rngs=rngs)
-        self.ln_mlp = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, param_dtype=pdtype)
-        self.mlp = GeluMlp(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, init_std=cfg.init_std,
-                           out_std=out_std, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, cache: LayerCache | None = None,
-                 cache_index: jnp.ndarray | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
-        h, cache = self.attn(self.ln_attn(x), mask, cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.ln_mlp(x))
-        return x, cache
+from jaxformer.nn.masks import prefix_lm_mask, segment_mask
+from jaxformer.nn.norms import make_norm
 
 
 class DecoderLM(nnx.Module):
-    """Token ids -> next-token logits."""
+    """Token ids -> next-token logits.
+
+    Params: ``embed`` (token table), ``inputs`` (positions, ...), ``rel_bias`` (ALiBi / T5 /
+    Shaw; shared by all layers), ``blocks/{i}``, ``final_norm``, ``unembed`` (``lm_head`` when
+    untied).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+        dtype, pdtype = dtypes(cfg)
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
                                param_dtype=pdtype, rngs=rngs)
-        self.positions = (LearnedPositions(cfg.max_len, cfg.d_model, init_std=cfg.init_std,
-                                           dtype=dtype, param_dtype=pdtype, rngs=rngs)
-                          if cfg.pos_encoding == "learned" else None)
-        self.blocks = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, param_dtype=pdtype)
+        self.inputs = InputEmbedding(cfg, rngs=rngs)
+        self.rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
+                                     use_bias=cfg.use_bias, param_dtype=pdtype)
+                           if cfg.final_norm else None)
+        self.unembed = Unembedding(cfg, rngs=rngs)
 
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray,
-                 segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+                 segment_ids: jnp.ndarray | None = None, *,
+                 prefix_len: jnp.ndarray | None = None,
+                 dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """Training / scoring forward pass.
 
         tokens, positions, segment_ids: [B, T] int (segment_ids None: one document per row;
-        0 marks padding) -> logits [B, T, V] float32.
+        0 marks padding); prefix_len: [B] int, for a prefix-LM: the first prefix_len tokens of
+        each row see each other both ways, the rest causally (None: causal everywhere);
+        dropout_rng: a key to train with dropout (None: deterministic) -> logits [B, T, V] f32.
         """
+        cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = causal_segment_mask(segment_ids)
-        x = self._embed(tokens, positions)
-        for block in self.blocks:
-            x, _ = block(x, mask)
-        return self.embed.attend(self.final_norm(x))
+        rngs = split_rng(dropout_rng, len(self.blocks) + 1)
+        inputs = AttentionInputs(q_positions=positions,
+                                 bias=self.rel_bias(positions, positions),
+                                 window=cfg.sliding_window or None)
+        if prefix_len is None:
+            inputs.is_causal, inputs.segment_ids = True, segment_ids
+        else:
+            inputs.mask = prefix_lm_mask(prefix_len, tokens.shape[1]) & segment_mask(segment_ids)
+        x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
+        for block, rng in zip(self.blocks, rngs, strict=False):
+            x, _ = block(x, inputs, dropout_rng=rng)
+        return self._logits(x)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
         """Empty decode cache for ``length`` positions (at most model.max_len)."""
         cfg = self.cfg
-        shape = (batch, length, cfg.n_heads, cfg.d_model // cfg.n_heads)
-        dtype = DTYPES[cfg.compute_dtype]
+        shape = (batch, length, cfg.kv_heads, cfg.head_size)
+        dtype, _ = dtypes(cfg)
         return [LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                 for _ in range(cfg.n_layers)]
 
@@ -88,18 +90,20 @@ class DecoderLM(nnx.Module):
         when cache_index == 0, then one token at a time) -> (logits [B, T, V], new cache).
         """
         b, t = tokens.shape
+        s = cache[0]["k"].shape[1]
         positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-        mask = decode_mask(b, t, cache[0]["k"].shape[1], cache_index)
-        x = self._embed(tokens, positions)
+        key_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        inputs = AttentionInputs(
+            q_positions=positions, bias=self.rel_bias(positions, key_positions),
+            mask=decode_mask(b, t, s, cache_index, window=self.cfg.sliding_window or None))
+        x = self.inputs(self.embed, tokens, positions)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x, layer_cache = block(x, mask, layer_cache, cache_index)
+            x, layer_cache = block(x, inputs, cache=layer_cache, cache_index=cache_index)
             new_cache.append(layer_cache)
-        return self.embed.attend(self.final_norm(x)), new_cache
+        return self._logits(x), new_cache
 
-    def _embed(self, tokens: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-        x = self.embed(tokens)
-        if self.positions is not None:
-            return x + self.positions(positions)
-        pe = sinusoidal_encoding(positions, self.cfg.d_model, self.cfg.sinusoidal_base)
-        return x + pe.astype(x.dtype)
+    def _logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.unembed(x, self.embed)

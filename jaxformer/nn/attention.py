@@ -1,114 +1,156 @@
-"""Multi-head self-attention, attention masks, and the kernels behind them.
+"""Multi-head, grouped-query and multi-query attention; self- or cross-attention.
 
-Letters: B batch, T query length, S key length, D model width, N heads, H head dim,
-C the three projections (query, key, value).
+Letters: B batch, T query length, S key length, D model width, N query heads, K key/value heads
+(K == N multi-head, 1 < K < N grouped-query, K == 1 multi-query), H head dim.
 
-Masks are boolean ``[B, 1, T, S]`` arrays, True where a query may attend to a key. Packing
-puts several documents in one row; ``segment_ids`` keep them apart, and ``positions`` restart
-at 0 for every document, so a packed row computes exactly what separate rows would.
+The softmax itself is a kernel from ``attention_kernels`` (reference einsum, XLA, cuDNN, Pallas
+flash/splash), chosen by name; this module owns the projections, rotary embeddings, the decode
+cache and attention-weight dropout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypedDict
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.nn.attention_kernels import get_attention_fn, reference_attention
 from jaxformer.nn.params import constant_param, normal_param
-
-# The masked-score value: finite, so a row with every key masked (padding) gives a uniform
-# softmax instead of NaN; any real score is far above it.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+from jaxformer.nn.positional import apply_rope
 
 
 class LayerCache(TypedDict):
-    """Decode cache of one layer: keys and values of every position written so far."""
+    """Decode cache of one attention layer: keys and values of every position written so far."""
 
-    k: jnp.ndarray  # [B, S, N, H]
-    v: jnp.ndarray  # [B, S, N, H]
-
-
-def causal_segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """Causal mask restricted to each packed document.
-
-    segment_ids: [B, T] int (0 for padding) -> [B, 1, T, T] bool.
-    """
-    t = segment_ids.shape[1]
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    return (causal[None] & same)[:, None]
+    k: jnp.ndarray  # [B, S, K, H]
+    v: jnp.ndarray  # [B, S, K, H]
 
 
-def decode_mask(batch: int, query_len: int, cache_len: int,
-                cache_index: jnp.ndarray) -> jnp.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding settings (see ``positional.apply_rope``)."""
+
+    theta: float = 10000.0
+    fraction: float = 1.0
+
+
+def decode_mask(batch: int, query_len: int, cache_len: int, cache_index: jnp.ndarray, *,
+                window: int | None = None) -> jnp.ndarray:
     """Mask for decoding with a cache: query i sits at absolute index cache_index + i and sees
-    every cached key at an index not after it. -> [B, 1, T, S] bool."""
-    q_idx = cache_index + jnp.arange(query_len)  # [T]
-    mask = jnp.arange(cache_len)[None, :] <= q_idx[:, None]  # [T, S]
+    every cached key at an index not after it (and, with a sliding window, fewer than
+    ``window`` positions before it). -> [B, 1, T, S] bool."""
+    q_idx = (cache_index + jnp.arange(query_len))[:, None]  # [T, 1]
+    k_idx = jnp.arange(cache_len)[None, :]  # [1, S]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask &= k_idx > q_idx - window
     return jnp.broadcast_to(mask, (batch, 1, query_len, cache_len))
 
 
-def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                        mask: jnp.ndarray) -> jnp.ndarray:
-    """softmax(q k^T / sqrt(H) + mask) v, the softmax in float32.
+class Attention(nnx.Module):
+    """Attention with separate query, key and value projections (optionally biased).
 
-    q: [B, T, N, H], k and v: [B, S, N, H], mask: [B, 1|N, T, S] bool -> [B, T, N, H].
+    Params: ``w_q`` [D, N, H] (embed, heads, head_dim), ``w_k``/``w_v`` [D, K, H] (embed,
+    kv_heads, head_dim), ``w_out`` [N, H, D] (heads, head_dim, embed); with ``use_bias`` also
+    ``b_q`` [N, H], ``b_k``/``b_v`` [K, H] and ``b_out`` [D]. For self-attention the three input
+    projections run as one matmul on their concatenated weights.
     """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) * scale
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", weights, v)
 
-
-def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                  mask: jnp.ndarray) -> jnp.ndarray:
-    """``jax.nn.dot_product_attention`` (XLA implementation); same shapes as the reference."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-
-
-ATTENTION_IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention}
-
-
-class MultiHeadAttention(nnx.Module):
-    """Multi-head attention with a fused QKV projection and biases (GPT-2 layout)."""
-
-    def __init__(self, d_model: int, n_heads: int, *, init_std: float, out_std: float,
-                 implementation: str, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        head_dim = d_model // n_heads
+    def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, use_bias: bool = True, init_std: float = 0.02,
+                 out_std: float | None = None, implementation: str = "reference",
+                 rope: Rope | None = None, scale: float | None = None, dropout: float = 0.0,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        n_kv = n_kv_heads or n_heads
+        h = head_dim or d_model // n_heads
+        if n_heads % n_kv:
+            raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
         self.dtype = dtype
-        self.attend = ATTENTION_IMPLEMENTATIONS[implementation]
-        self.w_qkv = normal_param(rngs, (d_model, 3, n_heads, head_dim),
-                                  ("embed", None, "heads", "head_dim"), init_std, param_dtype)
-        self.b_qkv = constant_param((3, n_heads, head_dim), (None, "heads", "head_dim"), 0.0,
-                                    param_dtype)
-        self.w_out = normal_param(rngs, (n_heads, head_dim, d_model),
-                                  ("heads", "head_dim", "embed"), out_std, param_dtype)
-        self.b_out = constant_param((d_model,), ("embed",), 0.0, param_dtype)
+        self.implementation = implementation
+        self.rope = rope
+        self.scale = scale
+        self.dropout = dropout
+        out_std = init_std if out_std is None else out_std
+        self.w_q = normal_param(rngs, (d_model, n_heads, h), ("embed", "heads", "head_dim"),
+                                init_std, param_dtype)
+        self.w_k = normal_param(rngs, (d_model, n_kv, h), ("embed", "kv_heads", "head_dim"),
+                                init_std, param_dtype)
+        self.w_v = normal_param(rngs, (d_model, n_kv, h), ("embed", "kv_heads", "head_dim"),
+                                init_std, param_dtype)
+        self.w_out = normal_param(rngs, (n_heads, h, d_model), ("heads", "head_dim", "embed"),
+                                  out_std, param_dtype)
+        if use_bias:
+            self.b_q = constant_param((n_heads, h), ("heads", "head_dim"), 0.0, param_dtype)
+            self.b_k = constant_param((n_kv, h), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.b_v = constant_param((n_kv, h), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.b_out = constant_param((d_model,), ("embed",), 0.0, param_dtype)
+        else:
+            self.b_q = self.b_k = self.b_v = self.b_out = None
 
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, cache: LayerCache | None = None,
-                 cache_index: jnp.ndarray | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
-        """x: [B, T, D], mask: [B, 1, T, S] -> ([B, T, D], updated cache).
+    def _project(self, x: jnp.ndarray, names: tuple[str, ...]) -> list[jnp.ndarray]:
+        """x: [B, T, D] through the named projections as one [B*T, D] x [D, sum] matmul
+        (plain 2-D operands keep the CPU matmul kernels on their fast path) -> [B, T, *, H]."""
+        dt = self.dtype
+        b, t, d = x.shape
+        weights = [getattr(self, "w_" + n)[...].astype(dt) for n in names]
+        widths = [w.shape[1] * w.shape[2] for w in weights]
+        w = jnp.concatenate([w.reshape(d, -1) for w in weights], axis=1)
+        y = x.astype(dt).reshape(b * t, d) @ w
+        if self.b_q is not None:
+            y = y + jnp.concatenate([getattr(self, "b_" + n)[...].astype(dt).reshape(-1)
+                                     for n in names])
+        splits = jnp.split(y, [sum(widths[:i + 1]) for i in range(len(widths) - 1)], axis=1)
+        return [s.reshape(b, t, w.shape[1], w.shape[2]) for s, w in zip(splits, weights,
+                                                                        strict=True)]
 
-        Without a cache S == T. With one, this call's keys and values are written at
-        ``cache_index`` and the queries attend over the whole cache (S = cache length).
+    def __call__(self, x: jnp.ndarray, *, context: jnp.ndarray | None = None,
+                 q_positions: jnp.ndarray | None = None, k_positions: jnp.ndarray | None = None,
+                 mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
+                 is_causal: bool = False, segment_ids: jnp.ndarray | None = None,
+                 window: int | None = None, cache: LayerCache | None = None,
+                 cache_index: jnp.ndarray | None = None,
+                 dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
+        """x: [B, T, D]; context: [B, S, D] for cross-attention (None: self-attention).
+
+        q_positions / k_positions: [B, T] / [B, S] int, the rotary positions (k defaults to q).
+        mask, bias, is_causal, segment_ids, window: as in ``attention_kernels``.
+        With a ``cache`` (self-attention decoding), this call's keys and values are written at
+        ``cache_index`` and the queries attend over the whole cache: S = cache length, and the
+        caller's ``mask`` must hide the cache slots not yet written.
+        dropout_rng: drops attention weights at the module's rate (None: no dropout).
+        -> ([B, T, D] in the compute dtype, updated cache or None).
         """
         dt = self.dtype
         b, t, d = x.shape
-        w_qkv = self.w_qkv[...]
-        _, c, n, h = w_qkv.shape
-        # One [B*T, D] x [D, 3*N*H] matmul: plain 2-D operands keep the CPU matmul kernels on
-        # their fast path (an einsum with a 4-D weight measured ~20% slower there).
-        qkv = x.astype(dt).reshape(b * t, d) @ w_qkv.astype(dt).reshape(d, c * n * h)
-        qkv = (qkv + self.b_qkv[...].astype(dt).reshape(-1)).reshape(b, t, c, n, h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if context is None:
+            q, k, v = self._project(x, ("q", "k", "v"))
+        else:
+            (q,) = self._project(x, ("q",))
+            k, v = self._project(context, ("k", "v"))
+        if self.rope is not None:
+            k_positions = q_positions if k_positions is None else k_positions
+            q = apply_rope(q, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
+            k = apply_rope(k, k_positions, theta=self.rope.theta, fraction=self.rope.fraction)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = LayerCache(k=k, v=v)
-        out = self.attend(q, k.astype(dt), v.astype(dt), mask)  # [B, T, N, H]
+            k, v = k.astype(dt), v.astype(dt)
+        kwargs = dict(mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
+                      segment_ids=segment_ids, window=window)
+        if dropout_rng is not None and self.dropout > 0.0:
+            # Only the reference kernel drops attention weights; the fused ones cannot.
+            out = reference_attention(q, k, v, dropout_rate=self.dropout,
+                                      dropout_rng=dropout_rng, **kwargs)
+        else:
+            out = get_attention_fn(self.implementation)(q, k, v, **kwargs)  # [B, T, N, H]
+        n, h = out.shape[2], out.shape[3]
         y = out.reshape(b * t, n * h) @ self.w_out[...].astype(dt).reshape(n * h, d)
-        return (y + self.b_out[...].astype(dt)).reshape(b, t, d), cache
+        if self.b_out is not None:
+            y = y + self.b_out[...].astype(dt)
+        return y.reshape(b, t, d), cache

@@ -37,6 +37,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from jaxformer.nn.dropout import dropout
 from jaxformer.nn.masks import MASK_VALUE, causal_mask, segment_mask, sliding_window_mask
 
 
@@ -79,10 +80,12 @@ def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
                         mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
                         is_causal: bool = False, scale: float | None = None,
                         segment_ids: jnp.ndarray | None = None,
-                        window: int | None = None) -> jnp.ndarray:
+                        window: int | None = None, dropout_rate: float = 0.0,
+                        dropout_rng: jax.Array | None = None) -> jnp.ndarray:
     """softmax(q k^T * scale + bias, hidden keys at MASK_VALUE) v, scores and softmax in float32.
 
     The textbook formula in two einsums; the yardstick the other kernels are checked against.
+    The only kernel with dropout on the attention weights (``dropout_rng`` given, rate > 0).
     """
     _check_shapes(q, k, v, segment_ids)
     b, t, n, h = q.shape
@@ -100,7 +103,7 @@ def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
         # Masking after the bias puts hidden keys at exactly MASK_VALUE, so a row with every
         # key hidden gives a uniform softmax rather than NaN.
         scores = jnp.where(visible, scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_rng).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.reshape(b, kv, n // kv, t, s), v)
     return out.reshape(b, t, n, h)
 

@@ -2,15 +2,16 @@
 
 FLOPs per trained token (PaLM appendix B convention, causal attention halved):
 
-    flops_per_token = 6 * N_matmul + 6 * L * T * D
+    flops_per_token = 6 * N_matmul + 6 * L * T * N * H
 
-* ``N_matmul`` counts the weights that take part in matrix multiplies: per layer the fused QKV
-  (3·D²) and output (D²) projections and the two MLP matrices (2·D·F), plus V·D for the tied
+* ``N_matmul`` counts the weights that take part in matrix multiplies: per layer the query and
+  output projections (2·D·N·H), the key and value projections (2·D·K·H, smaller under GQA/MQA)
+  and the MLP matrices (2·D·F, or 3·D·F for gated SwiGLU/GeGLU), plus V·D for the
   un-embedding. Embedding and position lookups, biases and norm scales cost no matmul FLOPs.
   A matmul with a weight of n entries costs 2n FLOPs per token forward, and training (forward
-  + backward) costs three times the forward: 6n.
-* ``6·L·T·D``: per layer and token, the forward QKᵀ and AV products cost 2·T·D each
-  (4·T·D); training triples it (12·T·D); causal masking halves the useful part (6·T·D).
+  + backward) costs three times the forward: 6n. (For GPT-2, N·H = D and K = N: 4·D² + 2·D·F.)
+* ``6·L·T·N·H``: per layer and token, the forward QKᵀ and AV products cost 2·T·N·H each
+  (4·T·N·H); training triples it; causal masking halves the useful part (6·T·N·H).
 
 MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used.
 """
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import ModelConfig
+from jaxformer.nn.feedforward import GATED_ACTIVATIONS
 
 # Dense peak FLOP/s per chip from vendor data sheets, by dtype.
 _PEAK_TABLE = {
@@ -45,13 +47,18 @@ def count_params(params: Any) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    d, f = cfg.d_model, cfg.d_ff or 4 * cfg.d_model
-    return cfg.n_layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+    """Weights that multiply every token: attention and MLP projections and the un-embedding
+    (GQA shrinks the key/value projections; a gated MLP has three matrices)."""
+    d, f, h = cfg.d_model, cfg.ff_width, cfg.head_size
+    attn = d * h * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    mlp = (3 if cfg.activation in GATED_ACTIVATIONS else 2) * d * f
+    return cfg.n_layers * (attn + mlp) + cfg.vocab_size * d
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token; see the module docstring for the formula."""
-    return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
+    attention = 6.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size
+    return 6.0 * matmul_params(cfg) + attention
 
 
 def device_peak_flops(device: jax.Device, dtype: str = "float32") -> float:

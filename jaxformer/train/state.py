@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxformer.config import ModelConfig
-from jaxformer.models import DecoderLM
+from jaxformer.models import build_model
 from jaxformer.parallel.sharding import param_shardings, replicated
 
 
@@ -25,13 +25,13 @@ class TrainState:
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameter shapes (with logical axes), allocating nothing."""
-    model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     return nnx.split(model)
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict[str, Any]:
     """Freshly initialized parameters as a pure dict."""
-    return nnx.to_pure_dict(nnx.state(DecoderLM(cfg, rngs=nnx.Rngs(seed))))
+    return nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(seed))))
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -10,7 +10,8 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models import DecoderLM
-from jaxformer.nn.attention import causal_segment_mask, reference_attention, xla_attention
+from jaxformer.nn.attention_kernels import reference_attention, xla_attention
+from jaxformer.nn.masks import causal_mask, segment_mask
 
 
 def naive_attention(q, k, v, segment_ids):
@@ -36,8 +37,8 @@ def test_attention_matches_naive_math_with_packing_and_padding(impl):
     q, k, v = (rng.normal(size=(b, t, n, h)) for _ in range(3))
     # Row 0: two packed documents; row 1: one document then two padding positions (segment 0).
     segment_ids = np.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0]])
-    mask = causal_segment_mask(jnp.asarray(segment_ids))
-    got = impl(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), mask)
+    got = impl(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), is_causal=True,
+               segment_ids=jnp.asarray(segment_ids))
     want = naive_attention(q, k, v, segment_ids)
     real = segment_ids > 0
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, rtol=1e-5)
@@ -45,7 +46,7 @@ def test_attention_matches_naive_math_with_packing_and_padding(impl):
 
 def test_mask_is_causal_and_per_segment():
     seg = jnp.asarray([[1, 1, 2, 2, 0]])
-    mask = np.asarray(causal_segment_mask(seg))[0, 0]
+    mask = np.asarray(causal_mask(5) & segment_mask(seg))[0, 0]
     want = np.array([[1, 0, 0, 0, 0],
                      [1, 1, 0, 0, 0],
                      [0, 0, 1, 0, 0],

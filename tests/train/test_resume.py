@@ -68,7 +68,7 @@ def test_checkpoint_of_another_shape_names_the_parameter(tmp_path):
     source = str(write_corpus(tmp_path / "corpus"))
     run = tmp_path / "run"
     train(small_config(source), run, stop_at=2, progress=False, echo=lambda s: None)
-    with pytest.raises(UserError, match=r"parameter blocks/0/attn/b_out expected shape \[64\], "
-                                        r"found \[32\]"):
+    with pytest.raises(UserError, match=r"parameter blocks/0/attn/b_k expected shape \[2, 32\], "
+                                        r"found \[2, 16\]"):
         train(small_config(source, "model.d_model=64"), run, allow_config_change=True,
               progress=False, echo=lambda s: None)

@@ -1,0 +1,239 @@
+"""What every architecture shares: dtypes, token embedding with positions, attention biases,
+the Transformer block, and the un-embedding.
+
+Letters: B batch, T query length, S key length, D model width, N heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.nn.attention import Attention, LayerCache, Rope
+from jaxformer.nn.dropout import dropout
+from jaxformer.nn.embedding import Embedding
+from jaxformer.nn.feedforward import FeedForward
+from jaxformer.nn.norms import make_norm
+from jaxformer.nn.params import normal_param
+from jaxformer.nn.positional import (
+    LearnedPositions,
+    ShawRelativeBias,
+    T5RelativeBias,
+    alibi_bias,
+    alibi_slopes,
+    sinusoidal_encoding,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
+    """-> (compute dtype, parameter dtype)."""
+    return DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """n independent keys from ``rng`` (or n Nones: no dropout)."""
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+@dataclasses.dataclass
+class AttentionInputs:
+    """Everything an attention layer needs besides its input: positions for RoPE, masks and
+    the additive bias, shared by every layer of a stack (computed once per forward pass)."""
+
+    q_positions: jnp.ndarray | None = None  # [B, T]
+    k_positions: jnp.ndarray | None = None  # [B, S]
+    mask: jnp.ndarray | None = None  # [B|1, 1, T, S] bool
+    bias: jnp.ndarray | None = None  # [B|1, N, T, S] float32
+    is_causal: bool = False
+    segment_ids: jnp.ndarray | None = None  # [B, T] (self-attention packing)
+    window: int | None = None
+
+    def kwargs(self) -> dict:
+        return dict(q_positions=self.q_positions, k_positions=self.k_positions, mask=self.mask,
+                    bias=self.bias, is_causal=self.is_causal, segment_ids=self.segment_ids,
+                    window=self.window)
+
+
+class InputEmbedding(nnx.Module):
+    """Token embeddings (+ absolute positions, + token types) -> the first residual stream.
+
+    The token table itself belongs to the model (an encoder-decoder shares one between its
+    stacks); this module holds the rest: ``positions`` (learned positions), ``token_types``
+    (BERT segments) and ``norm`` (BERT's embedding norm).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtypes(cfg)
+        self.cfg = cfg
+        self.positions = (LearnedPositions(cfg.max_len, cfg.d_model, init_std=cfg.init_std,
+                                           dtype=dtype, param_dtype=pdtype, rngs=rngs)
+                          if cfg.pos_encoding == "learned" else None)
+        self.token_types = (Embedding(cfg.type_vocab_size, cfg.d_model, init_std=cfg.init_std,
+                                      dtype=dtype, param_dtype=pdtype, rngs=rngs)
+                            if cfg.type_vocab_size else None)
+        self.norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                               param_dtype=pdtype) if cfg.embed_norm else None)
+
+    def __call__(self, embed: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
+                 token_types: jnp.ndarray | None = None,
+                 dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """tokens, positions, token_types: [B, T] int -> [B, T, D] in the compute dtype."""
+        cfg = self.cfg
+        x = embed(tokens)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, cfg.d_model, cfg.sinusoidal_base).astype(x.dtype)
+        if self.token_types is not None:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + self.token_types(types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return dropout(x, cfg.dropout, dropout_rng)
+
+
+class RelativePositionBias(nnx.Module):
+    """The additive attention bias of ALiBi, T5 buckets or Shaw offsets, computed once per
+    stack and shared by its layers (T5 shares it; ALiBi has no parameters). Param: ``table``
+    ([buckets, N] for T5, [2 * max_distance + 1, N] for Shaw); none for ALiBi."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        kind, n = cfg.pos_encoding, cfg.n_heads
+        self.kind = kind
+        _, pdtype = dtypes(cfg)
+        if kind == "t5_relative":
+            self.module = T5RelativeBias(n, num_buckets=cfg.relative_buckets,
+                                         max_distance=cfg.relative_max_distance,
+                                         bidirectional=bidirectional, init_std=cfg.init_std,
+                                         param_dtype=pdtype, rngs=rngs)
+        elif kind == "shaw":
+            self.module = ShawRelativeBias(n, max_distance=cfg.relative_max_distance,
+                                           init_std=cfg.init_std, param_dtype=pdtype, rngs=rngs)
+        else:
+            self.module = None
+            self.slopes = np.asarray(alibi_slopes(n), np.float32) if kind == "alibi" else None
+
+    def __call__(self, q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> jnp.ndarray | None:
+        """[B, T], [B, S] int -> [B, N, T, S] float32, or None for other encodings."""
+        if self.module is not None:
+            return self.module(q_positions, k_positions)
+        if self.kind == "alibi":
+            return alibi_bias(jnp.asarray(self.slopes), q_positions, k_positions)
+        return None
+
+
+def has_relative_bias(cfg: ModelConfig) -> bool:
+    return cfg.pos_encoding in ("alibi", "t5_relative", "shaw")
+
+
+def residual_out_std(cfg: ModelConfig) -> float:
+    """GPT-2's init: projections into the residual stream start smaller, by 1/sqrt(2 * layers)."""
+    n_layers = cfg.n_layers
+    if cfg.arch == "encoder_decoder":
+        n_layers += cfg.n_decoder_layers or cfg.n_layers
+    return cfg.init_std / math.sqrt(2 * n_layers)
+
+
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False) -> Attention:
+    dtype, pdtype = dtypes(cfg)
+    use_rope = cfg.pos_encoding == "rope" and not cross
+    return Attention(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                     use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=residual_out_std(cfg),
+                     implementation=cfg.attention,
+                     rope=Rope(cfg.rope_theta, cfg.rope_fraction) if use_rope else None,
+                     scale=cfg.attention_scale or None, dropout=cfg.attention_dropout,
+                     dtype=dtype, param_dtype=pdtype, rngs=rngs)
+
+
+class TransformerBlock(nnx.Module):
+    """Self-attention, optional cross-attention, feed-forward; each a residual branch with
+    its norm before (pre-LN: x + f(norm(x))) or after (post-LN: norm(x + f(x))).
+
+    Params: ``attn_norm``, ``attn``, [``cross_norm``, ``cross_attn``], ``mlp_norm``, ``mlp``.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
+        dtype, pdtype = dtypes(cfg)
+        self.cfg = cfg
+
+        def norm():
+            return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                             param_dtype=pdtype)
+
+        self.attn_norm = norm()
+        self.attn = make_attention(cfg, rngs=rngs)
+        if cross_attention:
+            self.cross_norm = norm()
+            self.cross_attn = make_attention(cfg, rngs=rngs, cross=True)
+        else:
+            self.cross_norm = self.cross_attn = None
+        self.mlp_norm = norm()
+        self.mlp = FeedForward(cfg.d_model, cfg.ff_width, activation=cfg.activation,
+                               use_bias=cfg.use_bias, init_std=cfg.init_std,
+                               out_std=residual_out_std(cfg), dtype=dtype, param_dtype=pdtype,
+                               rngs=rngs)
+
+    def _residual(self, x: jnp.ndarray, norm: nnx.Module, branch, rng: jax.Array | None):
+        if self.cfg.norm_position == "pre":
+            return x + dropout(branch(norm(x)), self.cfg.dropout, rng)
+        return norm(x + dropout(branch(x), self.cfg.dropout, rng))
+
+    def __call__(self, x: jnp.ndarray, inputs: AttentionInputs, *,
+                 context: jnp.ndarray | None = None, cross_inputs: AttentionInputs | None = None,
+                 cache: LayerCache | None = None, cache_index: jnp.ndarray | None = None,
+                 dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
+        """x: [B, T, D]; context: [B, S, D] encoder output for cross-attention.
+        -> ([B, T, D], updated self-attention cache)."""
+        rngs = split_rng(dropout_rng, 5)
+        new_cache = None
+
+        def self_attn(h):
+            nonlocal new_cache
+            y, new_cache = self.attn(h, cache=cache, cache_index=cache_index,
+                                     dropout_rng=rngs[0], **inputs.kwargs())
+            return y
+
+        x = self._residual(x, self.attn_norm, self_attn, rngs[1])
+        if self.cross_attn is not None:
+            ci = cross_inputs or AttentionInputs()
+
+            def cross_attn(h):
+                return self.cross_attn(h, context=context, dropout_rng=rngs[2],
+                                       **ci.kwargs())[0]
+
+            x = self._residual(x, self.cross_norm, cross_attn, rngs[3])
+        x = self._residual(x, self.mlp_norm, self.mlp, rngs[4])
+        return x, new_cache
+
+
+class Unembedding(nnx.Module):
+    """Final hidden states -> vocabulary logits: with the token table when tied, else with its
+    own ``lm_head`` [D, V] (embed, vocab)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtypes(cfg)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.lm_head = (None if cfg.tie_embeddings else
+                        normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                     cfg.init_std, pdtype))
+
+    def __call__(self, x: jnp.ndarray, embed: Embedding) -> jnp.ndarray:
+        """x: [B, T, D], embed: the token table (used when tied) -> logits [B, T, V] float32."""
+        if self.lm_head is None:
+            if self.cfg.scale_tied_logits:
+                x = x * jnp.asarray(self.cfg.d_model ** -0.5, x.dtype)
+            return embed.attend(x)
+        b, t, d = x.shape
+        logits = x.astype(self.dtype).reshape(b * t, d) @ self.lm_head[...].astype(self.dtype)
+        return logits.reshape(b, t, -1).astype(jnp.float32)
