@@ -61,6 +61,12 @@ class ModelConfig:
     attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
     dropout: float = 0.0  # on embeddings and every residual branch, in training only
     attention_dropout: float = 0.0  # on attention weights (runs the reference kernel)
+    attention_type: str = "mha"  # mha (covers GQA/MQA via n_kv_heads) | mla (DeepSeek-V2)
+    kv_lora_rank: int = 0  # mla: width of the compressed joint key-value latent
+    q_lora_rank: int = 0  # mla: width of the compressed query (0: queries uncompressed)
+    qk_rope_head_dim: int = 0  # mla: per-head channels of the decoupled RoPE query/key
+    qk_nope_head_dim: int = 0  # mla: per-head query/key channels without RoPE
+    v_head_dim: int = 0  # mla: per-head value width
     # auto (per backend) | reference | xla | cudnn | flash | splash
     attention: str = "reference"
     param_dtype: str = "float32"
@@ -284,6 +290,7 @@ _CHOICES = {
     "model.pos_encoding": ("learned", "sinusoidal", "rope", "alibi", "t5_relative", "shaw",
                            "none"),
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
+    "model.attention_type": ("mha", "mla"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
@@ -335,7 +342,9 @@ def validate(cfg: Config) -> Config:
         if not 0.0 <= get_key(cfg, key) < 1.0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be in [0, 1)")
     for key in ("model.d_ff", "model.head_dim", "model.sliding_window",
-                "model.n_decoder_layers", "model.type_vocab_size", "model.num_labels"):
+                "model.n_decoder_layers", "model.type_vocab_size", "model.num_labels",
+                "model.kv_lora_rank", "model.q_lora_rank", "model.qk_rope_head_dim",
+                "model.qk_nope_head_dim", "model.v_head_dim"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
     if cfg.data.seq_len > m.max_len:
