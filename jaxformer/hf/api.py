@@ -16,13 +16,15 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.hf import gpt2
+from jaxformer.hf import gpt2, llama, mistral
 from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_dir, write_hf_dir
 from jaxformer.hf.mapping import export_tensors, flatten, import_tensors, unflatten_like
 from jaxformer.train.state import abstract_model
 
 # model_type in config.json -> the module describing that family's layout.
 FAMILIES: dict[str, types.ModuleType] = {gpt2.MODEL_TYPE: gpt2}
+FAMILIES[llama.MODEL_TYPE] = llama
+FAMILIES[mistral.MODEL_TYPE] = mistral
 
 
 def family_of(model_type: str) -> types.ModuleType:
@@ -30,6 +32,19 @@ def family_of(model_type: str) -> types.ModuleType:
         raise HFConversionError(f"unsupported architecture {model_type!r}; supported: "
                                 f"{', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
+
+
+def infer_model_type(cfg: ModelConfig) -> str:
+    """The first family whose layout ``cfg`` fits (check_exportable passes); a one-line error
+    with each family's objection otherwise."""
+    reasons = []
+    for name, family in FAMILIES.items():
+        try:
+            family.check_exportable(cfg)
+            return name
+        except HFConversionError as e:
+            reasons.append(f"{name}: {e}")
+    raise HFConversionError("no Hugging Face family fits this model (" + "; ".join(reasons) + ")")
 
 
 def param_shapes(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
@@ -115,7 +130,7 @@ def params_from_tensors(family: types.ModuleType, cfg: ModelConfig,
 
 
 def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
-                    directory: Path | str, model_type: str = gpt2.MODEL_TYPE) -> None:
+                    directory: Path | str, model_type: str | None = None) -> None:
     """Writes a directory that transformers' Auto* classes load with the same logits.
 
     ``model`` is a ``PretrainedModel`` or a (model config, pure parameter dict) pair, e.g.
@@ -125,6 +140,7 @@ def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
         cfg, params, model_type = model.config, model.params, model.model_type
     else:
         cfg, params = model
+    model_type = model_type or infer_model_type(cfg)
     family = family_of(model_type)
     family.check_exportable(cfg)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
