@@ -1,7 +1,7 @@
 """``jaxformer bench``: time train steps on synthetic tokens, after compilation.
 
 Prints progress, then one JSON line (the last line of output) with params, tokens_per_sec,
-step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6LTD, see
+step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6·L·T·N·H, see
 ``jaxformer.train.flops``), mfu, peak_flops and device.
 """
 

@@ -98,7 +98,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(mesh.devices.flat[0], cfg.model.compute_dtype)
     baseline = data.unigram_baseline()
-    echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTD); "
+    echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTNH); "
          f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; "
          f"unigram baseline {baseline:.3f} nats/token")
 
