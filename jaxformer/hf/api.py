@@ -16,15 +16,17 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.hf import gpt2, llama, mistral
+from jaxformer.hf import bert, gpt2, llama, mistral, t5
 from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_dir, write_hf_dir
 from jaxformer.hf.mapping import export_tensors, flatten, import_tensors, unflatten_like
 from jaxformer.train.state import abstract_model
 
 # model_type in config.json -> the module describing that family's layout.
 FAMILIES: dict[str, types.ModuleType] = {gpt2.MODEL_TYPE: gpt2}
+FAMILIES[bert.MODEL_TYPE] = bert
 FAMILIES[llama.MODEL_TYPE] = llama
 FAMILIES[mistral.MODEL_TYPE] = mistral
+FAMILIES[t5.MODEL_TYPE] = t5
 
 
 def family_of(model_type: str) -> types.ModuleType:
@@ -104,6 +106,21 @@ class PretrainedModel:
         types = None if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
         return self._forward(self.params, ids, _real_positions(mask), mask, types)
 
+    def classify(self, input_ids: Any, attention_mask: Any = None,
+                 token_type_ids: Any = None) -> jax.Array:
+        """Sequence-classification logits of an encoder with num_labels > 0 (as transformers'
+        ``*ForSequenceClassification``): [B, T] inputs -> [B, num_labels] float32."""
+        if self.config.arch != "encoder" or self.config.num_labels <= 0:
+            raise HFConversionError("classify() needs an encoder with num_labels > 0")
+        if getattr(self, "_classify", None) is None:
+            graphdef, _ = abstract_model(self.config)
+            self._classify = jax.jit(lambda params, *args: nnx.merge(graphdef, params)
+                                     .classify(*args))
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = _mask_or_ones(ids, attention_mask)
+        types = None if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
+        return self._classify(self.params, ids, _real_positions(mask), mask, types)
+
     def _seq2seq(self, ids: jax.Array, decoder_input_ids: Any, attention_mask: Any = None,
                  decoder_attention_mask: Any = None) -> jax.Array:
         dec = jnp.asarray(decoder_input_ids, jnp.int32)
@@ -119,6 +136,8 @@ def from_pretrained(directory: Path | str) -> PretrainedModel:
     model_type = hf_cfg.get("model_type", "")
     family = family_of(model_type)
     cfg = family.model_config(hf_cfg)
+    if hasattr(family, "config_for_tensors"):  # the tensors settle part of the layout
+        cfg = family.config_for_tensors(cfg, tensors)
     return PretrainedModel(cfg, params_from_tensors(family, cfg, tensors), model_type)
 
 

@@ -15,18 +15,20 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.decoder import DecoderLM
+from jaxformer.models.encoder import EncoderModel
+from jaxformer.models.encoder_decoder import EncoderDecoderLM
 
-# model.arch -> the class that builds it; the encoder and encoder-decoder modules register
-# themselves here when they are imported below.
-ARCHITECTURES: dict[str, type[nnx.Module]] = {"decoder": DecoderLM}
+# model.arch -> the class that builds it.
+ARCHITECTURES: dict[str, type[nnx.Module]] = {
+    "decoder": DecoderLM, "encoder": EncoderModel, "encoder_decoder": EncoderDecoderLM}
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The model ``cfg.arch`` names, freshly initialized from ``rngs``."""
     if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={cfg.arch!r} is not built yet; available: "
+        raise ValueError(f"unknown model.arch={cfg.arch!r}; available: "
                          f"{', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[cfg.arch](cfg, rngs=rngs)
 
 
-__all__ = ["ARCHITECTURES", "DecoderLM", "build_model"]
+__all__ = ["ARCHITECTURES", "DecoderLM", "EncoderDecoderLM", "EncoderModel", "build_model"]

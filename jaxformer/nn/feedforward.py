@@ -36,6 +36,12 @@ GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 ACTIVATIONS = tuple(_ACTIVATIONS)
 
 
+def activation_fn(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """The elementwise function behind ``name`` (for a gated name, the gate's nonlinearity)."""
+    _check_activation(name)
+    return _ACTIVATIONS[name]
+
+
 def _check_activation(activation: str) -> None:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")

@@ -1,0 +1,184 @@
+"""BERT (``BertForMaskedLM``, ``BertForSequenceClassification``) <-> jaxformer's encoder.
+
+Which head a directory holds is read from config.json's ``architectures``: a sequence
+classifier becomes an encoder with ``num_labels`` > 0 (pooler + classifier, no masked-LM head),
+anything else a masked-LM encoder (``num_labels`` = 0). Export writes the class that matches.
+
+BERT's projections are ``torch.nn.Linear`` weights, [out, in]: the transpose of ours ([in, out],
+with the attention's out axis split into heads: w_q [D, N, H], w_out [N, H, D]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxformer.config import ModelConfig
+from jaxformer.hf.checkpoint_io import HFConversionError
+from jaxformer.hf.mapping import Rule
+from jaxformer.models import presets
+
+MODEL_TYPE = "bert"
+MLM_ARCHITECTURE = "BertForMaskedLM"
+CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+
+# hidden_act in config.json <-> our activation names.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "relu": "relu"}
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def _transposed(x: np.ndarray) -> np.ndarray:
+    """Their Linear weight [out, in] -> our [in, out] (and back: it is its own inverse)."""
+    return np.ascontiguousarray(x.T)
+
+
+def _heads_in(x: np.ndarray) -> np.ndarray:
+    """Our w_q/w_k/w_v [D, N, H] -> their [N*H, D]; biases [N, H] -> [N*H]."""
+    if x.ndim == 2:
+        return x.reshape(-1)
+    return x.reshape(x.shape[0], -1).T
+
+
+def _heads_out(x: np.ndarray) -> np.ndarray:
+    """Our w_out [N, H, D] -> their [D, N*H]."""
+    return x.reshape(-1, x.shape[-1]).T
+
+
+def _num_labels(hf: dict) -> int:
+    if hf.get("id2label"):
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", 2))
+
+
+def is_classifier(hf: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
+def model_config(hf: dict) -> ModelConfig:
+    act = hf.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise HFConversionError(f"BERT hidden_act {act!r} is not supported "
+                                f"({', '.join(ACTIVATIONS)} are)")
+    pos = hf.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise HFConversionError(f"BERT position_embedding_type {pos!r} is not supported "
+                                "(absolute is)")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if hf.get(flag):
+            raise HFConversionError(f"BERT with {flag}=true is not supported")
+    archs = hf.get("architectures") or [MLM_ARCHITECTURE]
+    known = (MLM_ARCHITECTURE, CLASSIFIER_ARCHITECTURE, "BertModel", "BertForPreTraining")
+    if not any(a in known for a in archs):
+        raise HFConversionError(f"BERT architectures {archs} are not supported "
+                                f"({MLM_ARCHITECTURE} and {CLASSIFIER_ARCHITECTURE} are)")
+    if not hf.get("type_vocab_size", 2):
+        raise HFConversionError("BERT with type_vocab_size=0 is not supported")
+    return presets.bert(
+        n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
+        n_heads=hf["num_attention_heads"], vocab_size=hf["vocab_size"],
+        d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2), activation=ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
+        tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
+        num_labels=_num_labels(hf) if is_classifier(hf) else 0)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    out = {"model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.ff_width,
+           "hidden_act": EXPORT_ACTIVATIONS[cfg.activation],
+           "max_position_embeddings": cfg.max_len, "type_vocab_size": cfg.type_vocab_size,
+           "layer_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std,
+           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+           "classifier_dropout": None, "position_embedding_type": "absolute",
+           "pad_token_id": 0, "tie_word_embeddings": cfg.tie_embeddings,
+           "is_decoder": False, "add_cross_attention": False, "use_cache": True}
+    if cfg.num_labels > 0:
+        out["architectures"] = [CLASSIFIER_ARCHITECTURE]
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    else:
+        out["architectures"] = [MLM_ARCHITECTURE]
+    return out
+
+
+# What a BERT checkpoint can hold: every other value of these keys has no BERT counterpart.
+BERT_LAYOUT = {"arch": "encoder", "pos_encoding": "learned", "norm": "layernorm",
+               "norm_position": "post", "final_norm": False, "use_bias": True,
+               "embed_scale": False, "embed_norm": True, "n_kv_heads": 0, "head_dim": 0,
+               "sliding_window": 0, "attention_scale": 0.0, "scale_tied_logits": False,
+               "attention_type": "mha"}
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    for key, value in BERT_LAYOUT.items():
+        if getattr(cfg, key) != value and not (key == "n_kv_heads" and cfg.kv_heads == cfg.n_heads):
+            raise HFConversionError(f"BERT needs model.{key}={value!r}, the model has "
+                                    f"{getattr(cfg, key)!r}")
+    if cfg.activation not in EXPORT_ACTIVATIONS:
+        raise HFConversionError(f"BERT needs model.activation in {sorted(EXPORT_ACTIVATIONS)}, "
+                                f"the model has {cfg.activation!r}")
+    if cfg.type_vocab_size < 1:
+        raise HFConversionError("BERT needs model.type_vocab_size >= 1, the model has 0")
+    if cfg.d_model % cfg.n_heads:
+        raise HFConversionError(f"BERT needs n_heads ({cfg.n_heads}) to divide d_model "
+                                f"({cfg.d_model})")
+
+
+def _dense(ours: str, theirs: str) -> list[Rule]:
+    """A jaxformer Dense (w [in, out], b) <-> a torch Linear (weight [out, in], bias)."""
+    return [Rule(ours + "/w", theirs + ".weight", to_ours=_transposed, to_theirs=_transposed),
+            Rule(ours + "/b", theirs + ".bias")]
+
+
+def _norm(ours: str, theirs: str) -> list[Rule]:
+    return [Rule(ours + "/scale", theirs + ".weight"), Rule(ours + "/bias", theirs + ".bias")]
+
+
+def rules(cfg: ModelConfig) -> list[Rule]:
+    n, h = cfg.n_heads, cfg.head_size
+    emb = "bert.embeddings."
+    out = [Rule("embed/table", emb + "word_embeddings.weight"),
+           Rule("inputs/positions/table", emb + "position_embeddings.weight"),
+           Rule("inputs/token_types/table", emb + "token_type_embeddings.weight"),
+           *_norm("inputs/norm", emb + "LayerNorm")]
+
+    def head_in(x: np.ndarray) -> np.ndarray:  # their [N*H, D] or [N*H] -> ours
+        return x.reshape(n, h) if x.ndim == 1 else x.T.reshape(-1, n, h)
+
+    def head_out(x: np.ndarray) -> np.ndarray:  # their [D, N*H] -> our [N, H, D]
+        return x.T.reshape(n, h, -1)
+
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks/{i}/", f"bert.encoder.layer.{i}."
+        for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
+            out += [Rule(ours + f"attn/w_{p}", theirs + f"attention.self.{name}.weight",
+                         to_ours=head_in, to_theirs=_heads_in),
+                    Rule(ours + f"attn/b_{p}", theirs + f"attention.self.{name}.bias",
+                         to_ours=head_in, to_theirs=_heads_in)]
+        out += [
+            Rule(ours + "attn/w_out", theirs + "attention.output.dense.weight",
+                 to_ours=head_out, to_theirs=_heads_out),
+            Rule(ours + "attn/b_out", theirs + "attention.output.dense.bias"),
+            *_norm(ours + "attn_norm", theirs + "attention.output.LayerNorm"),
+            Rule(ours + "mlp/wi", theirs + "intermediate.dense.weight", to_ours=_transposed,
+                 to_theirs=_transposed),
+            Rule(ours + "mlp/bi", theirs + "intermediate.dense.bias"),
+            Rule(ours + "mlp/wo", theirs + "output.dense.weight", to_ours=_transposed,
+                 to_theirs=_transposed),
+            Rule(ours + "mlp/bo", theirs + "output.dense.bias"),
+            *_norm(ours + "mlp_norm", theirs + "output.LayerNorm"),
+        ]
+    if cfg.num_labels > 0:
+        out += _dense("pooler", "bert.pooler.dense") + _dense("classifier", "classifier")
+        return out
+    out += [*_dense("mlm/transform", "cls.predictions.transform.dense"),
+            *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+            Rule("mlm/bias", "cls.predictions.bias")]
+    if not cfg.tie_embeddings:
+        # Untied, transformers saves the decoder's own copy of the bias too (and uses it).
+        out += [Rule("mlm/unembed/lm_head", "cls.predictions.decoder.weight",
+                     to_ours=_transposed, to_theirs=_transposed),
+                Rule("mlm/bias", "cls.predictions.decoder.bias")]
+    return out

@@ -1,0 +1,160 @@
+"""Encoder-only Transformer (BERT): bidirectional self-attention over packed segments, with a
+masked-LM head or a pooled sequence-classification head.
+
+Letters: B batch, T length, D model width, V vocabulary, L labels (cfg.num_labels).
+
+Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
+
+    num_labels == 0   masked LM (``BertForMaskedLM``): dense D->D -> activation -> LayerNorm
+                      -> un-embedding (tied with the token table unless cfg.tie_embeddings is
+                      False) + an output bias [V]. ``__call__`` -> [B, T, V].
+    num_labels > 0    sequence classifier (``BertForSequenceClassification``): pooler (dense
+                      D->D + tanh on the first token's final hidden state) -> dropout -> dense
+                      D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
+                      transformers, so its ``__call__`` raises.
+
+``encode`` gives the final hidden states [B, T, D] of either.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.common import (
+    AttentionInputs,
+    InputEmbedding,
+    RelativePositionBias,
+    TransformerBlock,
+    Unembedding,
+    dtypes,
+    split_rng,
+)
+from jaxformer.nn.dropout import dropout
+from jaxformer.nn.embedding import Embedding
+from jaxformer.nn.feedforward import ACTIVATIONS, GATED_ACTIVATIONS, activation_fn
+from jaxformer.nn.norms import make_norm
+from jaxformer.nn.params import LogicalAxes, constant_param, normal_param
+
+
+class Dense(nnx.Module):
+    """y = x @ w + b. Params: ``w`` [in, out] (``axes``), ``b`` [out] (``axes[-1]``), b at 0."""
+
+    def __init__(self, d_in: int, d_out: int, axes: LogicalAxes, *, init_std: float,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.w = normal_param(rngs, (d_in, d_out), axes, init_std, param_dtype)
+        self.b = constant_param((d_out,), axes[-1:], 0.0, param_dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [..., in] -> [..., out] in the compute dtype."""
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = x2 @ self.w[...].astype(self.dtype) + self.b[...].astype(self.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class MaskedLMHead(nnx.Module):
+    """BERT's prediction head: hidden states -> vocabulary logits.
+
+    Params: ``transform`` (Dense D->D, (embed, None)), ``norm`` (LayerNorm, eps cfg.norm_eps),
+    ``unembed`` (``lm_head`` [D, V] when untied), ``bias`` [V] (vocab).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtypes(cfg)
+        if cfg.activation not in ACTIVATIONS or cfg.activation in GATED_ACTIVATIONS:
+            raise ValueError(f"the masked-LM head needs a plain activation (relu, gelu, "
+                             f"gelu_tanh), got {cfg.activation!r}")
+        self.activation = cfg.activation
+        self.transform = Dense(cfg.d_model, cfg.d_model, ("embed", None), init_std=cfg.init_std,
+                               dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                              param_dtype=pdtype)
+        self.unembed = Unembedding(cfg, rngs=rngs)
+        self.bias = constant_param((cfg.vocab_size,), ("vocab",), 0.0, pdtype)
+
+    def __call__(self, x: jnp.ndarray, embed: Embedding) -> jnp.ndarray:
+        """x: [B, T, D], embed: the token table -> logits [B, T, V] float32."""
+        h = self.norm(activation_fn(self.activation)(self.transform(x)))
+        return self.unembed(h, embed) + self.bias[...].astype(jnp.float32)
+
+
+class EncoderModel(nnx.Module):
+    """Token ids -> masked-LM logits (or, with cfg.num_labels > 0, class logits).
+
+    Params: ``embed`` (token table), ``inputs`` (positions, token types, embedding norm),
+    ``rel_bias`` (ALiBi / T5 / Shaw, bidirectional; shared by all layers), ``blocks/{i}``,
+    ``final_norm`` (when cfg.final_norm), then either ``mlm`` (num_labels == 0) or ``pooler``
+    (Dense D->D) and ``classifier`` (Dense D->L) (num_labels > 0).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdtype = dtypes(cfg)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                               param_dtype=pdtype, rngs=rngs)
+        self.inputs = InputEmbedding(cfg, rngs=rngs)
+        self.rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
+                                     use_bias=cfg.use_bias, param_dtype=pdtype)
+                           if cfg.final_norm else None)
+        if cfg.num_labels > 0:
+            self.mlm = None
+            self.pooler = Dense(cfg.d_model, cfg.d_model, ("embed", None),
+                                init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
+                                rngs=rngs)
+            self.classifier = Dense(cfg.d_model, cfg.num_labels, ("embed", None),
+                                    init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
+                                    rngs=rngs)
+        else:
+            self.mlm = MaskedLMHead(cfg, rngs=rngs)
+            self.pooler = self.classifier = None
+
+    def encode(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+               segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
+               *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Final hidden states.
+
+        tokens, positions, segment_ids, token_types: [B, T] int. Tokens attend both ways to
+        every token of their segment (segment_ids None: one sequence per row; 0 marks padding,
+        whose outputs are meaningless); token_types None means all type 0; dropout_rng: a key
+        to train with dropout (None: deterministic) -> [B, T, D] in the compute dtype.
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        rngs = split_rng(dropout_rng, len(self.blocks) + 1)
+        inputs = AttentionInputs(q_positions=positions, is_causal=False,
+                                 segment_ids=segment_ids,
+                                 bias=self.rel_bias(positions, positions))
+        x = self.inputs(self.embed, tokens, positions, token_types, dropout_rng=rngs[-1])
+        for block, rng in zip(self.blocks, rngs, strict=False):
+            x, _ = block(x, inputs, dropout_rng=rng)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+                 segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
+                 *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Masked-LM logits. Arguments as in ``encode`` -> [B, T, V] float32."""
+        if self.mlm is None:
+            raise ValueError("this encoder has a classification head (model.num_labels="
+                             f"{self.cfg.num_labels}) and no masked-LM head; call classify()")
+        x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=dropout_rng)
+        return self.mlm(x, self.embed)
+
+    def classify(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+                 segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
+                 *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Sequence-classification logits from the first token of each row (BERT's [CLS]).
+        Arguments as in ``encode`` -> [B, L] float32."""
+        if self.classifier is None:
+            raise ValueError("classify() needs model.num_labels > 0")
+        rngs = split_rng(dropout_rng, 2)
+        x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rngs[0])
+        pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
+        pooled = dropout(pooled, self.cfg.dropout, rngs[1])
+        return self.classifier(pooled).astype(jnp.float32)

@@ -1,0 +1,141 @@
+"""EncoderModel: bidirectional attention, packing isolation, heads, parameter metadata."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformer.models import ARCHITECTURES, build_model, presets
+from jaxformer.models.encoder import EncoderModel
+
+V = 53
+
+
+def tiny(**overrides) -> EncoderModel:
+    cfg = presets.bert(**{**dict(n_layers=2, d_model=32, n_heads=4, vocab_size=V, d_ff=64,
+                                 max_len=32, init_std=0.2), **overrides})
+    return build_model(cfg, nnx.Rngs(0))
+
+
+@functools.cache
+def _compiled(graphdef: nnx.GraphDef, method: str):
+    return jax.jit(lambda state, *args, **kw: getattr(nnx.merge(graphdef, state), method)(
+        *args, **kw))
+
+
+def run(model: EncoderModel, args: tuple, method: str = "__call__", **kw) -> np.ndarray:
+    """model.method(*args) compiled as one program (much faster than op-by-op on CPU)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_compiled(graphdef, method)(state, *args, **kw))
+
+
+def positions_of(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at each new segment of each row."""
+    pos = np.zeros_like(segment_ids)
+    for b in range(segment_ids.shape[0]):
+        for t in range(1, segment_ids.shape[1]):
+            same = segment_ids[b, t] == segment_ids[b, t - 1]
+            pos[b, t] = pos[b, t - 1] + 1 if same else 0
+    return pos
+
+
+def test_registered_and_shapes():
+    assert ARCHITECTURES["encoder"] is EncoderModel
+    model = tiny()
+    tokens = jnp.ones((2, 7), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    assert run(model, (tokens, pos, None)).shape == (2, 7, V)
+    assert model.pooler is None and model.classifier is None
+    with pytest.raises(ValueError, match="num_labels"):
+        model.classify(tokens, pos, None)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "t5_relative", "rope"])
+def test_packed_segments_and_padding_are_isolated(pos_encoding):
+    model = tiny(pos_encoding=pos_encoding)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(1, V, 5), rng.integers(1, V, 4)
+    # Row: segment 1 (a), segment 2 (b), three padding slots.
+    tokens = np.concatenate([a, b, [0, 0, 0]])[None]
+    seg = np.array([[1] * 5 + [2] * 4 + [0] * 3])
+    types = np.array([[0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0]])
+    packed = run(model, args=(jnp.asarray(tokens), jnp.asarray(positions_of(seg)),
+                              jnp.asarray(seg), jnp.asarray(types)))
+    alone_a = run(model, args=(jnp.asarray(a[None]), jnp.arange(5)[None],
+                               jnp.ones((1, 5), jnp.int32), jnp.asarray(types[:, :5])))
+    alone_b = run(model, args=(jnp.asarray(b[None]), jnp.arange(4)[None],
+                               jnp.ones((1, 4), jnp.int32), jnp.asarray(types[:, 5:9])))
+    assert np.abs(packed[0, :5] - alone_a[0]).max() < 1e-5
+    assert np.abs(packed[0, 5:9] - alone_b[0]).max() < 1e-5
+    # Other padding tokens change nothing real.
+    tokens2 = tokens.copy()
+    tokens2[0, 9:] = [7, 8, 9]
+    packed2 = run(model, args=(jnp.asarray(tokens2), jnp.asarray(positions_of(seg)),
+                               jnp.asarray(seg), jnp.asarray(types)))
+    assert np.abs(packed2[0, :9] - packed[0, :9]).max() == 0.0
+    assert np.abs(packed[0, :9]).max() > 0.5  # not trivially equal
+
+
+def test_attention_is_bidirectional():
+    model = tiny()
+    tokens = np.array([[5, 6, 7, 8, 9, 0]])
+    seg = np.array([[1, 1, 1, 1, 1, 0]])
+    pos = jnp.arange(6)[None]
+    out = run(model, args=(jnp.asarray(tokens), pos, jnp.asarray(seg)))
+    tokens[0, 4] = 10  # the last real token
+    changed = run(model, args=(jnp.asarray(tokens), pos, jnp.asarray(seg)))
+    assert np.abs(changed[0, 0] - out[0, 0]).max() > 1e-3  # the first token sees the last
+
+
+def test_token_types_change_outputs():
+    model = tiny()
+    tokens = jnp.asarray([[5, 6, 7, 8]])
+    pos = jnp.arange(4)[None]
+    zero = run(model, args=(tokens, pos, None))
+    explicit = run(model, args=(tokens, pos, None, jnp.zeros((1, 4), jnp.int32)))
+    assert np.abs(explicit - zero).max() < 1e-5  # None means all type 0
+    ones = run(model, args=(tokens, pos, None, jnp.ones((1, 4), jnp.int32)))
+    assert np.abs(ones - zero).max() > 1e-3
+
+
+def test_classification_head_and_untied_head():
+    model = tiny(num_labels=3)
+    assert model.mlm is None
+    tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 0, 0]])
+    seg = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pos = jnp.asarray(positions_of(np.asarray(seg)))
+    logits = run(model, method="classify", args=(tokens, pos, seg))
+    assert logits.shape == (2, 3) and logits.dtype == np.float32
+    # The padding of row 1 does not matter.
+    other = run(model, method="classify", args=(tokens.at[1, 2:].set(3), pos, seg))
+    assert np.abs(other - logits).max() == 0.0
+    with pytest.raises(ValueError, match="classify"):
+        model(tokens, pos, seg)
+    untied = tiny(tie_embeddings=False)
+    assert untied.mlm.unembed.lm_head[...].shape == (32, V)
+    assert run(untied, (tokens, pos, seg)).shape == (2, 4, V)
+
+
+def test_dropout_only_with_a_key():
+    model = tiny(dropout=0.3, num_labels=2)
+    tokens = jnp.asarray([[5, 6, 7, 8]])
+    pos = jnp.arange(4)[None]
+    a = run(model, method="classify", args=(tokens, pos))
+    assert np.array_equal(a, run(model, method="classify", args=(tokens, pos)))
+    b = run(model, method="classify", args=(tokens, pos), dropout_rng=jax.random.key(1))
+    assert np.abs(a - b).max() > 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_labels": 3, "tie_embeddings": False}])
+def test_every_param_has_logical_axes(overrides):
+    state = nnx.state(tiny(**overrides), nnx.Param)
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert leaves
+    for var in leaves:
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var[...].ndim, (axes, var[...].shape)
