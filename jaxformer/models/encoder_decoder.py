@@ -1,0 +1,159 @@
+"""Encoder-decoder Transformer: the 2017 Transformer (Vaswani et al.) and T5 v1.0 / v1.1 (Raffel
+et al.), from one config (see ``presets``).
+
+Letters: B batch, S source (encoder) length, T target (decoder) length, D model width,
+V vocabulary, C decode-cache length.
+
+Segment ids (0 = padding) keep packed or padded examples apart everywhere: encoder
+self-attention sees equal ids, decoder self-attention is causal within equal ids, and
+cross-attention lets a decoder token see only the encoder tokens of its own segment id.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.common import (
+    AttentionInputs,
+    InputEmbedding,
+    RelativePositionBias,
+    TransformerBlock,
+    Unembedding,
+    dtypes,
+    split_rng,
+)
+from jaxformer.nn.attention import LayerCache, decode_mask
+from jaxformer.nn.embedding import Embedding
+from jaxformer.nn.masks import padding_mask, segment_mask
+from jaxformer.nn.norms import make_norm
+
+
+def _arange_positions(tokens: jnp.ndarray) -> jnp.ndarray:
+    b, t = tokens.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+class EncoderDecoderLM(nnx.Module):
+    """(source ids, target ids) -> next-target-token logits.
+
+    Params: ``embed`` (the one token table of both stacks, and of the head when tied),
+    ``enc_inputs`` / ``dec_inputs`` (learned positions, ...), ``enc_rel_bias`` /
+    ``dec_rel_bias`` (T5 buckets etc.; each shared by all layers of its stack),
+    ``encoder/{i}``, ``enc_norm``, ``decoder/{i}`` (with ``cross_attn``), ``dec_norm``,
+    ``unembed`` (``lm_head`` when untied).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdtype = dtypes(cfg)
+
+        def final_norm():
+            return (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                              param_dtype=pdtype) if cfg.final_norm else None)
+
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                               param_dtype=pdtype, rngs=rngs)
+        self.enc_inputs = InputEmbedding(cfg, rngs=rngs)
+        self.dec_inputs = InputEmbedding(cfg, rngs=rngs)
+        self.enc_rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.dec_rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.encoder = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.enc_norm = final_norm()
+        n_dec = cfg.n_decoder_layers or cfg.n_layers
+        self.decoder = nnx.List([TransformerBlock(cfg, cross_attention=True, rngs=rngs)
+                                 for _ in range(n_dec)])
+        self.dec_norm = final_norm()
+        self.unembed = Unembedding(cfg, rngs=rngs)
+
+    def __call__(self, enc_tokens: jnp.ndarray, dec_tokens: jnp.ndarray,
+                 enc_segment_ids: jnp.ndarray | None = None,
+                 dec_segment_ids: jnp.ndarray | None = None,
+                 enc_positions: jnp.ndarray | None = None,
+                 dec_positions: jnp.ndarray | None = None, *,
+                 dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Training / scoring forward pass (teacher forcing).
+
+        enc_tokens, enc_segment_ids, enc_positions: [B, S] int; dec_*: [B, T] int (segment ids
+        None: one example per row, no padding; positions None: 0, 1, 2, ...); dropout_rng: a key
+        to train with dropout (None: deterministic) -> logits [B, T, V] float32.
+        """
+        enc_rng, dec_rng = split_rng(dropout_rng, 2)
+        if enc_segment_ids is None:
+            enc_segment_ids = jnp.ones_like(enc_tokens)
+        if dec_segment_ids is None:
+            dec_segment_ids = jnp.ones_like(dec_tokens)
+        memory = self.encode(enc_tokens, enc_segment_ids, enc_positions, dropout_rng=enc_rng)
+        if dec_positions is None:
+            dec_positions = _arange_positions(dec_tokens)
+        inputs = AttentionInputs(q_positions=dec_positions,
+                                 bias=self.dec_rel_bias(dec_positions, dec_positions),
+                                 is_causal=True, segment_ids=dec_segment_ids,
+                                 window=self.cfg.sliding_window or None)
+        cross = AttentionInputs(mask=segment_mask(dec_segment_ids, enc_segment_ids))
+        rngs = split_rng(dec_rng, len(self.decoder) + 1)
+        x = self.dec_inputs(self.embed, dec_tokens, dec_positions, dropout_rng=rngs[-1])
+        for block, rng in zip(self.decoder, rngs, strict=False):
+            x, _ = block(x, inputs, context=memory, cross_inputs=cross, dropout_rng=rng)
+        return self._logits(x)
+
+    def encode(self, enc_tokens: jnp.ndarray, enc_segment_ids: jnp.ndarray | None = None,
+               enc_positions: jnp.ndarray | None = None, *,
+               dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """[B, S] int (segment ids None: no padding; positions None: arange) -> memory
+        [B, S, D] in the compute dtype (after the final encoder norm, if any)."""
+        if enc_segment_ids is None:
+            enc_segment_ids = jnp.ones_like(enc_tokens)
+        if enc_positions is None:
+            enc_positions = _arange_positions(enc_tokens)
+        inputs = AttentionInputs(q_positions=enc_positions,
+                                 bias=self.enc_rel_bias(enc_positions, enc_positions),
+                                 segment_ids=enc_segment_ids)
+        rngs = split_rng(dropout_rng, len(self.encoder) + 1)
+        x = self.enc_inputs(self.embed, enc_tokens, enc_positions, dropout_rng=rngs[-1])
+        for block, rng in zip(self.encoder, rngs, strict=False):
+            x, _ = block(x, inputs, dropout_rng=rng)
+        return x if self.enc_norm is None else self.enc_norm(x)
+
+    def init_cache(self, batch: int, length: int) -> list[LayerCache]:
+        """Empty decoder self-attention cache for ``length`` target positions."""
+        cfg = self.cfg
+        shape = (batch, length, cfg.kv_heads, cfg.head_size)
+        dtype, _ = dtypes(cfg)
+        return [LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+                for _ in range(len(self.decoder))]
+
+    def decode(self, dec_tokens: jnp.ndarray, memory: jnp.ndarray,
+               enc_segment_ids: jnp.ndarray | None, cache: list[LayerCache],
+               cache_index: jnp.ndarray) -> tuple[jnp.ndarray, list[LayerCache]]:
+        """Incremental decoder pass, one unpadded target per row.
+
+        dec_tokens: [B, T] int at target positions cache_index .. cache_index + T - 1;
+        memory: [B, S, D] from ``encode``; enc_segment_ids: [B, S] (nonzero = real source token;
+        None: all real). The cross-attention keys and values are recomputed from ``memory`` at
+        every call. -> (logits [B, T, V] float32, new cache).
+        """
+        b, t = dec_tokens.shape
+        c = cache[0]["k"].shape[1]
+        positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        key_positions = jnp.broadcast_to(jnp.arange(c), (b, c))
+        inputs = AttentionInputs(
+            q_positions=positions, bias=self.dec_rel_bias(positions, key_positions),
+            mask=decode_mask(b, t, c, cache_index, window=self.cfg.sliding_window or None))
+        enc_valid = (jnp.ones(memory.shape[:2], bool) if enc_segment_ids is None
+                     else enc_segment_ids != 0)
+        cross = AttentionInputs(mask=padding_mask(jnp.ones((b, t), bool), enc_valid))
+        x = self.dec_inputs(self.embed, dec_tokens, positions)
+        new_cache = []
+        for block, layer_cache in zip(self.decoder, cache, strict=True):
+            x, layer_cache = block(x, inputs, context=memory, cross_inputs=cross,
+                                   cache=layer_cache, cache_index=cache_index)
+            new_cache.append(layer_cache)
+        return self._logits(x), new_cache
+
+    def _logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.dec_norm is not None:
+            x = self.dec_norm(x)
+        return self.unembed(x, self.embed)
