@@ -22,7 +22,7 @@ from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.state import abstract_model, create_train_state
-from jaxformer.train.step import make_train_step
+from jaxformer.train.step import make_train_step, uses_dropout
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -46,7 +46,8 @@ def bench(cfg: Config, steps: int, warmup: int = 2,
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     b_sharding = batch_sharding(mesh)
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train),
-                              cfg.train.grad_accum, state_sharding, b_sharding, replicated(mesh))
+                              cfg.train.grad_accum, state_sharding, b_sharding, replicated(mesh),
+                              dropout=uses_dropout(cfg.model), seed=cfg.train.seed)
     batch = jax.device_put(synthetic_batch(cfg), b_sharding)
 
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from jaxformer.train.init_from import load_params, state_from_params
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.reporting import Reporter, format_metrics
 from jaxformer.train.state import abstract_model, abstract_train_state, create_train_state
-from jaxformer.train.step import make_eval_step, make_train_step
+from jaxformer.train.step import make_eval_step, make_train_step, uses_dropout
 
 
 @dataclasses.dataclass
@@ -105,7 +105,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     b_sharding = batch_sharding(mesh)
     rep = replicated(mesh)
     train_step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, state_sharding,
-                                 b_sharding, rep)
+                                 b_sharding, rep, dropout=uses_dropout(cfg.model),
+                                 seed=cfg.train.seed)
     eval_step = make_eval_step(graphdef, state_sharding.params, b_sharding, rep)
     reporter = Reporter(run_dir, echo)
     meta = {"config": rundir.config_lib.to_dict(cfg), "n_devices": mesh.size}

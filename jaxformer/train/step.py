@@ -24,34 +24,47 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def make_loss_sums(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], Metrics]:
-    def loss_sums(params: Any, batch: Batch) -> Metrics:
+def make_loss_sums(graphdef: nnx.GraphDef) -> Callable[..., Metrics]:
+    def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                       dropout_rng=dropout_rng)
         return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
 
     return loss_sums
 
 
+def uses_dropout(model_cfg: Any) -> bool:
+    return model_cfg.dropout > 0.0 or model_cfg.attention_dropout > 0.0
+
+
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The dropout key of a train step: a pure function of (seed, step), like the batch, so a
+    resumed run drops exactly the units the uninterrupted run would have."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, state_sharding: TrainState,
-                    batch_sharding: NamedSharding, metrics_sharding: NamedSharding
+                    batch_sharding: NamedSharding, metrics_sharding: NamedSharding,
+                    dropout: bool = False, seed: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
-    and the incoming state donated (updated in place)."""
+    and the incoming state donated (updated in place). With ``dropout`` the model gets a key
+    derived from (seed, step, micro-batch)."""
     loss_sums = make_loss_sums(graphdef)
 
-    def sum_grads(params: Any, batch: Batch) -> tuple[Any, Metrics]:
+    def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         def objective(p):
-            sums = loss_sums(p, batch)
+            sums = loss_sums(p, batch, rng)
             return sums["loss_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)
         return grads, sums
 
-    def accumulate(params: Any, batch: Batch) -> tuple[Any, Metrics]:
+    def accumulate(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         if grad_accum == 1:
-            return sum_grads(params, batch)
+            return sum_grads(params, batch, rng)
 
         # [B, T] -> [A, B/A, T]: micro-batch i takes rows i, i+A, ...; rows stay on the
         # device that holds them, since each device's contiguous block splits evenly.
@@ -63,17 +76,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         zero_sums = {k: jnp.zeros((), jnp.float32)
                      for k in ("loss_sum", "weight_sum", "correct_sum")}
 
-        def body(carry, mb):
-            grads, sums = sum_grads(params, mb)
+        def body(carry, xs):
+            mb, i = xs
+            mb_rng = None if rng is None else jax.random.fold_in(rng, i)
+            grads, sums = sum_grads(params, mb, mb_rng)
             acc_g, acc_s = carry
             return (jax.tree.map(jnp.add, acc_g, grads),
                     jax.tree.map(jnp.add, acc_s, sums)), None
 
-        (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), micro)
+        (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums),
+                                        (micro, jnp.arange(grad_accum)))
         return grads, sums
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, sums = accumulate(state.params, batch)
+        rng = dropout_key(seed, state.step) if dropout else None
+        grads, sums = accumulate(state.params, batch, rng)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -11,7 +11,7 @@ from jaxformer.parallel.mesh import make_mesh
 from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.state import abstract_model, create_train_state
-from jaxformer.train.step import make_train_step
+from jaxformer.train.step import make_train_step, uses_dropout
 
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
         "model.max_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=20",
@@ -49,7 +49,8 @@ def make_runner(cfg: Config, devices=None):
     shard = jax.tree.map(lambda x: x.sharding, state)
     b_sharding = batch_sharding(mesh)
     step = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train), cfg.train.grad_accum,
-                           shard, b_sharding, replicated(mesh))
+                           shard, b_sharding, replicated(mesh), dropout=uses_dropout(cfg.model),
+                           seed=cfg.train.seed)
     return state, step, b_sharding
 
 

@@ -21,9 +21,12 @@ def small_config(source: str, *extra: str) -> Config:
         "eval.every=4", "eval.batches=2", "sample.prompts=[]", *extra])
 
 
-def test_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.2", "model.attention_dropout=0.1"]],
+                         ids=["deterministic", "dropout"])
+def test_resume_is_bitwise_exact(tmp_path, extra):
+    """With dropout too: its key is a pure function of (seed, step), like the batch."""
     source = str(write_corpus(tmp_path / "corpus"))
-    cfg = small_config(source)
+    cfg = small_config(source, *extra)
     whole = train(cfg, tmp_path / "whole", progress=False, echo=lambda s: None)
     first = train(cfg, tmp_path / "split", stop_at=4, progress=False, echo=lambda s: None)
     assert first.final_step == 4 and sorted(first.losses) == [1, 2, 3, 4]

@@ -29,3 +29,13 @@ def test_loss_decreases_on_a_fixed_batch():
         losses.append(float(m["loss"]))
     assert losses[0] > 0.9 * np.log(64)  # starts near uniform over the vocabulary
     assert losses[-1] < 0.5 * losses[0]  # memorizes one batch
+
+
+def test_dropout_changes_the_step_and_depends_only_on_seed_and_step():
+    plain, _ = run_steps(tiny_config(), 2)
+    dropped, _ = run_steps(tiny_config("model.dropout=0.3"), 2)
+    again, _ = run_steps(tiny_config("model.dropout=0.3"), 2)
+    other_seed, _ = run_steps(tiny_config("model.dropout=0.3", "train.seed=1"), 2)
+    assert dropped == again  # same (seed, step): the same units dropped
+    assert abs(dropped[0] - plain[0]) > 1e-4  # the same init, but units were dropped
+    assert dropped[0] != other_seed[0]
