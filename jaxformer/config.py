@@ -347,6 +347,13 @@ def validate(cfg: Config) -> Config:
                 "model.qk_nope_head_dim", "model.v_head_dim"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
+    if m.attention_type == "mla" and (
+            m.arch != "decoder" or min(m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim,
+                                       m.v_head_dim) <= 0 or m.qk_rope_head_dim % 2):
+        raise ConfigError(f"model.attention_type='mla' needs model.arch='decoder' (got "
+                          f"{m.arch!r}), kv_lora_rank, qk_nope_head_dim and v_head_dim > 0 and "
+                          f"an even qk_rope_head_dim > 0 (got {m.kv_lora_rank}, "
+                          f"{m.qk_nope_head_dim}, {m.v_head_dim}, {m.qk_rope_head_dim})")
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
     if t.batch_size % t.grad_accum:

@@ -19,6 +19,7 @@ from jaxformer.nn.attention import Attention, LayerCache, Rope
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.feedforward import FeedForward
+from jaxformer.nn.mla import MultiHeadLatentAttention
 from jaxformer.nn.norms import make_norm
 from jaxformer.nn.params import normal_param
 from jaxformer.nn.positional import (
@@ -144,8 +145,18 @@ def residual_out_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2 * n_layers)
 
 
-def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False) -> Attention:
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs,
+                   cross: bool = False) -> Attention | MultiHeadLatentAttention:
     dtype, pdtype = dtypes(cfg)
+    if cfg.attention_type == "mla":  # self-attention only (validate: decoder arch)
+        return MultiHeadLatentAttention(
+            cfg.d_model, cfg.n_heads, kv_lora_rank=cfg.kv_lora_rank,
+            q_lora_rank=cfg.q_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+            qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
+            rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
+            out_std=residual_out_std(cfg), implementation=cfg.attention,
+            scale=cfg.attention_scale or None, dropout=cfg.attention_dropout, dtype=dtype,
+            param_dtype=pdtype, rngs=rngs)
     use_rope = cfg.pos_encoding == "rope" and not cross
     return Attention(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
                      use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=residual_out_std(cfg),

@@ -23,6 +23,7 @@ from jaxformer.models.common import (
 from jaxformer.nn.attention import LayerCache, decode_mask
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.masks import prefix_lm_mask, segment_mask
+from jaxformer.nn.mla import MLACache
 from jaxformer.nn.norms import make_norm
 
 
@@ -74,23 +75,27 @@ class DecoderLM(nnx.Module):
             x, _ = block(x, inputs, dropout_rng=rng)
         return self._logits(x)
 
-    def init_cache(self, batch: int, length: int) -> list[LayerCache]:
+    def init_cache(self, batch: int, length: int) -> list[LayerCache] | list[MLACache]:
         """Empty decode cache for ``length`` positions (at most model.max_len)."""
         cfg = self.cfg
         shape = (batch, length, cfg.kv_heads, cfg.head_size)
         dtype, _ = dtypes(cfg)
+        if cfg.attention_type == "mla":  # the latent and the rope key only, nothing per head
+            return [MLACache(latent=jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+                             k_rope=jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype))
+                    for _ in range(cfg.n_layers)]
         return [LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                 for _ in range(cfg.n_layers)]
 
-    def decode(self, tokens: jnp.ndarray, cache: list[LayerCache],
-               cache_index: jnp.ndarray) -> tuple[jnp.ndarray, list[LayerCache]]:
+    def decode(self, tokens: jnp.ndarray, cache: list[LayerCache] | list[MLACache],
+               cache_index: jnp.ndarray) -> tuple[jnp.ndarray, list]:
         """Incremental forward pass for one unpadded sequence per row.
 
         tokens: [B, T] int, placed at positions cache_index .. cache_index + T - 1 (a prompt
         when cache_index == 0, then one token at a time) -> (logits [B, T, V], new cache).
         """
         b, t = tokens.shape
-        s = cache[0]["k"].shape[1]
+        s = next(iter(cache[0].values())).shape[1]  # cache length (LayerCache or MLACache)
         positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
         key_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         inputs = AttentionInputs(
