@@ -45,7 +45,11 @@ def load_generator(run_dir: Path, step: int | None = None
     """-> (generator over the checkpoint's parameters, the run's tokenizer, its EOS id)."""
     run_dir = Path(run_dir)
     tok_path = run_dir / rundir.TOKENIZER_FILE
-    if rundir.read_config(run_dir) is not None and not tok_path.exists():
+    saved = rundir.read_config(run_dir)
+    if saved is not None and saved.model.arch != "decoder":
+        raise UserError(f"sampling continues text with a decoder-only model; {run_dir} holds "
+                        f"model.arch={saved.model.arch!r}")
+    if saved is not None and not tok_path.exists():
         raise UserError(f"{run_dir} has no {rundir.TOKENIZER_FILE}")
     cfg, params = load_run(run_dir, step)
     graphdef, _ = abstract_model(cfg.model)

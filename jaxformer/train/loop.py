@@ -60,6 +60,10 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     """Trains (or resumes) the run in ``run_dir``. ``stop_at`` ends this invocation early at
     that step, as an interruption would, saving a checkpoint first."""
     run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(cfg)
+    if cfg.model.arch != "decoder":
+        raise UserError(f"jaxformer train has the autoregressive objective, for "
+                        f"model.arch='decoder'; model.arch={cfg.model.arch!r} is not trainable "
+                        "with it")
     saved = rundir.read_config(run_dir)
     if saved is not None:
         rundir.check_compatible(saved, cfg, run_dir, allow_config_change)

@@ -127,3 +127,36 @@ def test_init_from_that_does_not_fit_is_a_one_line_error(hf_dir, tmp_path):
                     "--run-dir", str(tmp_path / "run"))
     assert_user_error(out, "does not fit the model")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_convert_round_trip_of_encoder_models_and_their_clear_limits(family, tmp_path):
+    """BERT and T5 go HF -> run dir -> HF through the CLI with the same logits; training and
+    sampling, which need a decoder-only model, refuse them in one line."""
+    torch.manual_seed(0)
+    if family == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32)).eval()
+        auto, kwargs = transformers.AutoModelForMaskedLM, {}
+    else:
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            feed_forward_proj="gated-gelu")).eval()
+        auto = transformers.AutoModelForSeq2SeqLM
+        kwargs = {"decoder_input_ids": torch.tensor([[0, 5, 7, 9]])}
+    model.save_pretrained(tmp_path / "hf")
+    run, back = tmp_path / "run", tmp_path / "back"
+    out = jaxformer("convert", "--from-hf", str(tmp_path / "hf"), "--out", str(run))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert jaxformer("convert", "--to-hf", str(run), "--out", str(back)).returncode == 0
+    ids = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    with torch.no_grad():
+        diff = (auto.from_pretrained(back).eval()(input_ids=ids, **kwargs).logits
+                - model(input_ids=ids, **kwargs).logits).abs().max()
+    assert float(diff) < 1e-4
+    assert_user_error(jaxformer("sample", str(run), "--prompt", "x"), "decoder-only")
+    arch = "encoder" if family == "bert" else "encoder_decoder"
+    assert_user_error(jaxformer("train", EXPERIMENT, "--set", f"model.arch={arch}",
+                                "--run-dir", str(tmp_path / "t")), "autoregressive objective")
+    assert not (tmp_path / "t").exists()
