@@ -107,8 +107,12 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0  # parameter init and batch order
     lr: float = 3e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # cosine | linear | constant | wsd | inverse_sqrt (see jaxformer.train.optimizer);
+    # inverse_sqrt: lr is a multiplier of d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)
+    schedule: str = "cosine"
+    warmup_steps: int = -1  # linear warmup from 0; -1 means 2% of steps (at least 1)
+    min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the last share of steps that decays
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -117,6 +121,30 @@ class TrainConfig:
     # Start a new run from these weights: a jaxformer run dir (its latest checkpoint) or a
     # Hugging Face save_pretrained directory. Ignored when the run dir already has a checkpoint.
     init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the model learns to predict: a data transform plus the loss options.
+
+    causal (decoder): next token. masked_lm (encoder): BERT masking. prefix_lm (decoder):
+    bidirectional prefix, loss on the continuation. span_corruption (encoder_decoder): T5.
+    seq2seq (encoder_decoder): input -> target pairs of a task (``data.source`` synthetic:...).
+    classification (encoder with model.num_labels): one label per snippet.
+    """
+
+    kind: str = "causal"
+    mask_rate: float = 0.15  # masked_lm: share of (non-special) tokens selected
+    mask_token_prob: float = 0.8  # masked_lm: selected tokens replaced by the mask token
+    random_token_prob: float = 0.1  # masked_lm: ... by a random token (the rest unchanged)
+    whole_word: bool = False  # masked_lm: select whole words
+    prefix_min: float = 0.25  # prefix_lm: the split point is drawn in [min, max] of each doc
+    prefix_max: float = 0.75
+    noise_density: float = 0.15  # span_corruption: share of tokens masked
+    mean_span_length: float = 3.0  # span_corruption: mean noise span length
+    targets_len: int = 0  # span_corruption decoder length; 0: as T5's random_spans_helper
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0  # PaLM's auxiliary z_loss * log(Z)^2 per target token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +186,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -291,12 +320,15 @@ _CHOICES = {
                            "none"),
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
     "model.attention_type": ("mha", "mla"),
+    "objective.kind": ("causal", "masked_lm", "prefix_lm", "span_corruption", "seq2seq",
+                       "classification"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
     "model.attention": ("auto", "reference", "xla", "cudnn", "flash", "splash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "train.schedule": ("cosine", "linear", "constant", "wsd", "inverse_sqrt"),
 }
 _POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
              "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
@@ -354,6 +386,7 @@ def validate(cfg: Config) -> Config:
                           f"{m.arch!r}), kv_lora_rank, qk_nope_head_dim and v_head_dim > 0 and "
                           f"an even qk_rope_head_dim > 0 (got {m.kv_lora_rank}, "
                           f"{m.qk_nope_head_dim}, {m.v_head_dim}, {m.qk_rope_head_dim})")
+    validate_objective(cfg)
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
     if t.batch_size % t.grad_accum:
@@ -362,12 +395,54 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"bad value for data.val_fraction: {cfg.data.val_fraction} must be in "
                           "[0, 1)")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 and "
-                          f"train.steps={t.steps}")
+    if t.warmup_steps != -1 and not 0 <= t.warmup_steps <= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be -1 (2% of steps) or "
+                          f"between 0 and train.steps={t.steps}")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"bad value for train.decay_fraction: {t.decay_fraction} must be in "
+                          "(0, 1]")
     if t.lr <= 0:
         raise ConfigError(f"bad value for train.lr: {t.lr} must be positive")
     return cfg
+
+
+# The model architecture each objective trains.
+OBJECTIVE_ARCH = {"causal": "decoder", "prefix_lm": "decoder", "masked_lm": "encoder",
+                  "classification": "encoder", "span_corruption": "encoder_decoder",
+                  "seq2seq": "encoder_decoder"}
+
+
+def validate_objective(cfg: Config) -> None:
+    """The objective fits the model and its numbers make sense (one-line ConfigError)."""
+    o, m = cfg.objective, cfg.model
+    need = OBJECTIVE_ARCH[o.kind]
+    if m.arch != need:
+        raise ConfigError(f"objective.kind={o.kind!r} trains model.arch={need!r}, but the model "
+                          f"is {m.arch!r}")
+    if o.kind == "classification" and m.num_labels < 2:
+        raise ConfigError("objective.kind='classification' needs model.num_labels >= 2")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError(f"bad value for objective.label_smoothing: {o.label_smoothing} must "
+                          "be in [0, 1)")
+    if o.z_loss < 0.0:
+        raise ConfigError(f"bad value for objective.z_loss: {o.z_loss} must be >= 0")
+    try:
+        if o.kind == "masked_lm":
+            from jaxformer.objectives.masked_lm import check_mlm_config
+
+            check_mlm_config(o.mask_rate, o.mask_token_prob, o.random_token_prob)
+        elif o.kind == "prefix_lm":
+            from jaxformer.objectives.prefix_lm import check_prefix_config
+
+            check_prefix_config(o.prefix_min, o.prefix_max)
+        elif o.kind == "span_corruption":
+            from jaxformer.objectives.span_corruption import resolve_lengths
+            from jaxformer.objectives.specials import N_SENTINELS
+
+            resolve_lengths(cfg.data.seq_len, o.targets_len, o.noise_density,
+                            o.mean_span_length, N_SENTINELS)
+    except ValueError as e:
+        raise ConfigError(f"objective: {e}") from None
 
 
 def get_owner(cfg: Config, key: str) -> Any:

@@ -185,3 +185,8 @@ class PackedRows:
     def batch(self, rows: np.ndarray) -> Batch:
         """`row_batch` for these rows: arrays [len(rows), seq_len]."""
         return row_batch(self.stream, rows, self.seq_len)
+
+
+def stack_examples(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-example dicts of [L] arrays (same keys) -> one dict of [B, L] arrays."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

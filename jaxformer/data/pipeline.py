@@ -75,6 +75,7 @@ class DataPipeline:
         text_field: str = "text",
         cache_dir: str | pathlib.Path | None = None,
         log: Callable[[str], None] = print,
+        extra_special_tokens: Sequence[str] = (),
     ) -> "DataPipeline":
         """Load `source`, get a tokenizer, tokenize, split by document and pack into rows.
 
@@ -83,6 +84,7 @@ class DataPipeline:
         the cache). Nothing is written to `tokenizer_path`: the caller saves `self.tokenizer`
         there once it commits to the run. Trained tokenizers and tokenized documents are
         cached under `cache_dir` (default $JAXFORMER_CACHE or ~/.cache/jaxformer).
+        `extra_special_tokens` are added to a newly trained tokenizer after EOS and PAD.
         """
         if seq_len < 1:
             raise DataError(f"sequence length must be at least 1, got {seq_len}")
@@ -113,7 +115,8 @@ class DataPipeline:
                 how += f"; it overrides the requested vocab size {vocab_size}"
         else:
             train_texts = [docs.texts[i] for i in train_ids]
-            tok, how = _cached_tokenizer(root, docs.fingerprint, vocab_size, train_ids, train_texts)
+            tok, how = _cached_tokenizer(root, docs.fingerprint, vocab_size, train_ids, train_texts,
+                                         tuple(extra_special_tokens))
         elapsed = time.perf_counter() - start
         log(f"tokenizer: {how} (vocab {tok.get_vocab_size()}) in {elapsed:.1f}s")
 
@@ -303,16 +306,20 @@ def _cached_tokenizer(
     vocab_size: int,
     train_ids: np.ndarray,
     train_texts: list[str],
+    extra_special_tokens: tuple[str, ...] = (),
 ) -> tuple[Tokenizer, str]:
     """The tokenizer for these training documents: from the cache, else trained and cached."""
-    key = cache_key("tokenizer", fingerprint, vocab_size, train_ids.astype(np.int64).tobytes())
+    parts = [vocab_size, train_ids.astype(np.int64).tobytes()]
+    if extra_special_tokens:  # the key of a plain tokenizer stays what it always was
+        parts.append("\n".join(extra_special_tokens))
+    key = cache_key("tokenizer", fingerprint, *parts)
     path = root / "tokenizers" / f"{key}.json"
     if path.is_file():
         try:
             return load_tokenizer(path), "cached"
         except DataError:
             pass  # unreadable cache entry: train again and overwrite it
-    tok = train_tokenizer(train_texts, vocab_size)
+    tok = train_tokenizer(train_texts, vocab_size, extra_special_tokens)
     save_tokenizer(tok, path)
     return tok, f"trained on {len(train_texts)} training documents"
 

@@ -23,13 +23,15 @@ SPECIAL_TOKENS = (EOS, PAD)  # in id order: EOS = 0, PAD = 1
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 42
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int,
+                    extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
     """Train a byte-level BPE tokenizer with at most `vocab_size` tokens on `texts`.
 
-    EOS gets id 0 and PAD id 1. The result can be smaller than `vocab_size` when the texts
-    do not hold enough distinct merges; use `tok.get_vocab_size()` for the actual size.
+    EOS gets id 0, PAD id 1, then `extra_special_tokens` (an objective's mask token or
+    sentinels) ids 2, 3, ... The result can be smaller than `vocab_size` when the texts do not
+    hold enough distinct merges; use `tok.get_vocab_size()` for the actual size.
     """
-    if vocab_size < MIN_VOCAB_SIZE:
+    if vocab_size < MIN_VOCAB_SIZE + len(extra_special_tokens):
         raise DataError(
             f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens + merges)"
@@ -39,7 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         # All 256 bytes, even those absent from the training texts, so any text is encodable.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

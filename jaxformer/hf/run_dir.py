@@ -35,7 +35,7 @@ def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
     model = from_pretrained(hf_dir)  # every check happens before anything is written
     cfg = Config(name=out.name, model=model.config,
                  data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)))
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train, cfg.model.d_model)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=model.params,
                        opt_state=tx.init(model.params))
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, dict[str, 
             raise UserError(f"{run_dir} has no checkpoint at step {step} "
                             f"(have {sorted(ckpt.manager.all_steps())})")
         mesh = make_mesh(cfg.mesh.__class__(data=1), jax.devices()[:1])
-        target = abstract_train_state(cfg.model, make_optimizer(cfg.train), mesh)
+        target = abstract_train_state(cfg.model, make_optimizer(cfg.train, cfg.model.d_model), mesh)
         state, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()

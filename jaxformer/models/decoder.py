@@ -22,9 +22,19 @@ from jaxformer.models.common import (
 )
 from jaxformer.nn.attention import LayerCache, decode_mask
 from jaxformer.nn.embedding import Embedding
-from jaxformer.nn.masks import prefix_lm_mask, segment_mask
+from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
 from jaxformer.nn.norms import make_norm
+
+
+def prefix_mask(prefix: jnp.ndarray) -> jnp.ndarray:
+    """Prefix-LM visibility per token: key s is visible to query t when s <= t, or when both
+    are prefix tokens (and in the same document: the caller ands the segment mask).
+    prefix: [B, T] int/bool -> [B, 1, T, T] bool; one row-prefix of length P gives the block
+    matrix [[1, 0], [1, causal]] of ``masks.prefix_lm_mask``."""
+    p = prefix.astype(bool)
+    both = p[:, :, None] & p[:, None, :]  # [B, T, S]
+    return causal_mask(prefix.shape[1]) | both[:, None]
 
 
 class DecoderLM(nnx.Module):
@@ -50,13 +60,14 @@ class DecoderLM(nnx.Module):
 
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray,
                  segment_ids: jnp.ndarray | None = None, *,
-                 prefix_len: jnp.ndarray | None = None,
+                 prefix: jnp.ndarray | None = None,
                  dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """Training / scoring forward pass.
 
         tokens, positions, segment_ids: [B, T] int (segment_ids None: one document per row;
-        0 marks padding); prefix_len: [B] int, for a prefix-LM: the first prefix_len tokens of
-        each row see each other both ways, the rest causally (None: causal everywhere);
+        0 marks padding); prefix: [B, T] int/bool, for a prefix-LM: 1 marks the tokens of each
+        document's prefix, which see each other both ways; the rest attend causally (None:
+        causal everywhere);
         dropout_rng: a key to train with dropout (None: deterministic) -> logits [B, T, V] f32.
         """
         cfg = self.cfg
@@ -66,10 +77,10 @@ class DecoderLM(nnx.Module):
         inputs = AttentionInputs(q_positions=positions,
                                  bias=self.rel_bias(positions, positions),
                                  window=cfg.sliding_window or None)
-        if prefix_len is None:
+        if prefix is None:
             inputs.is_causal, inputs.segment_ids = True, segment_ids
         else:
-            inputs.mask = prefix_lm_mask(prefix_len, tokens.shape[1]) & segment_mask(segment_ids)
+            inputs.mask = prefix_mask(prefix) & segment_mask(segment_ids)
         x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
         for block, rng in zip(self.blocks, rngs, strict=False):
             x, _ = block(x, inputs, dropout_rng=rng)

@@ -40,12 +40,12 @@ def bench(cfg: Config, steps: int, warmup: int = 2,
           echo: Callable[[str], None] = print) -> dict[str, Any]:
     mesh = make_mesh(cfg.mesh)
     check_batch_layout(cfg, mesh.shape["data"])
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train, cfg.model.d_model)
     graphdef, _ = abstract_model(cfg.model)
     state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     b_sharding = batch_sharding(mesh)
-    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train),
+    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train, cfg.model.d_model),
                               cfg.train.grad_accum, state_sharding, b_sharding, replicated(mesh),
                               dropout=uses_dropout(cfg.model), seed=cfg.train.seed)
     batch = jax.device_put(synthetic_batch(cfg), b_sharding)

@@ -22,7 +22,7 @@ class CheckpointError(UserError):
 
 
 def param_layout(params: Any) -> dict[str, list[int]]:
-    """{"blocks/0/attn/w_qkv": [256, 3, 4, 64], ...}: what a checkpoint must match."""
+    """{"blocks/0/attn/w_q": [256, 4, 64], ...}: what a checkpoint must match."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
             for path, leaf in flat}

@@ -29,9 +29,19 @@ def is_hf_dir(path: Path) -> bool:
         return False
 
 
-def load_params(source: str | Path, model_cfg: ModelConfig) -> dict[str, Any]:
-    """The parameters in ``source``, checked against the shapes ``model_cfg`` needs."""
+def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
+                ) -> tuple[dict[str, Any], str]:
+    """The parameters in ``source`` for a model of ``model_cfg`` -> (params, a note).
+
+    Every parameter the model shares with the source must have the source's shape (a mismatch
+    is an error naming it). Parameters the source lacks, such as a classification head on top
+    of a masked-LM checkpoint, start from the usual init with ``seed``; source parameters the
+    model lacks (that masked-LM head) are left out. The note names both groups.
+    """
     from flax import nnx
+
+    from jaxformer.hf.mapping import flatten, unflatten_like
+    from jaxformer.train.state import init_params
 
     source = Path(source)
     if not source.is_dir():
@@ -44,14 +54,32 @@ def load_params(source: str | Path, model_cfg: ModelConfig) -> dict[str, Any]:
         from jaxformer.inference.restore import load_run
 
         _, params = load_run(source)
-    expected = param_layout(nnx.to_pure_dict(abstract_model(model_cfg)[1]))
-    found = param_layout(params)
-    for name in sorted(set(expected) | set(found)):
-        if expected.get(name) != found.get(name):
+    template = nnx.to_pure_dict(abstract_model(model_cfg)[1])
+    expected, found = param_layout(template), param_layout(params)
+    shared = sorted(set(expected) & set(found))
+    for name in shared:
+        if expected[name] != found[name]:
             raise UserError(f"train.init_from: {source} does not fit the model: parameter "
-                            f"{name} expected shape {expected.get(name)}, found "
-                            f"{found.get(name)}")
-    return params
+                            f"{name} expected shape {expected[name]}, found {found[name]}")
+    if not shared:
+        raise UserError(f"train.init_from: {source} shares no parameter with the model")
+    new = sorted(set(expected) - set(found))
+    unused = sorted(set(found) - set(expected))
+    flat = flatten(params)
+    if new:
+        fresh = flatten(init_params(model_cfg, seed))
+        flat = {**{k: fresh[k] for k in new}, **flat}
+    note = f"{len(shared)} tensors"
+    if new:
+        note += f"; new (initialized): {_groups(new)}"
+    if unused:
+        note += f"; not used: {_groups(unused)}"
+    return unflatten_like(template, flat), note
+
+
+def _groups(names: list[str]) -> str:
+    """Parameter paths summarized by their module ("blocks/0/mlp/wi" -> "blocks/0/mlp")."""
+    return ", ".join(sorted({n.rsplit("/", 1)[0] for n in names}))
 
 
 def state_from_params(params: dict[str, Any], model_cfg: ModelConfig,

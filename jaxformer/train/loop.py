@@ -15,9 +15,12 @@ import tqdm
 
 from jaxformer.config import Config
 from jaxformer.data.pipeline import DataPipeline
+from jaxformer.data.synthetic import EOS_ID, PAD_ID, SyntheticTranslation
 from jaxformer.data.tokenizer import save_tokenizer
 from jaxformer.errors import UserError
 from jaxformer.inference.sampling import Generator, SamplingParams
+from jaxformer.inference.seq2seq import GreedyDecoder
+from jaxformer.objectives.tasks import Task, build_task
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train import rundir
@@ -37,21 +40,17 @@ class TrainResult:
     final_step: int
     losses: dict[int, float]  # step (1-based, after the update) -> train loss of that step
     evals: dict[int, float]  # step -> validation loss
-    unigram_baseline: float
+    unigram_baseline: float  # the task's baseline (a majority-class accuracy for classifiers)
     samples: list[str]
+    eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
-def build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> DataPipeline:
-    d = cfg.data
+def build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Task:
     tokenizer_path = Path(run_dir) / rundir.TOKENIZER_FILE
     init_tokenizer = Path(cfg.train.init_from) / rundir.TOKENIZER_FILE
     if not tokenizer_path.exists() and cfg.train.init_from and init_tokenizer.is_file():
         tokenizer_path = init_tokenizer  # fine-tuning keeps the tokenizer the weights know
-    return DataPipeline.create(
-        source=d.source, seq_len=d.seq_len, vocab_size=cfg.model.vocab_size,
-        val_fraction=d.val_fraction, seed=d.seed,
-        tokenizer_path=tokenizer_path, text_field=d.text_field,
-        cache_dir=d.cache_dir or None, log=log)
+    return build_task(cfg, tokenizer_path, log)
 
 
 def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change: bool = False,
@@ -60,10 +59,6 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     """Trains (or resumes) the run in ``run_dir``. ``stop_at`` ends this invocation early at
     that step, as an interruption would, saving a checkpoint first."""
     run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(cfg)
-    if cfg.model.arch != "decoder":
-        raise UserError(f"jaxformer train has the autoregressive objective, for "
-                        f"model.arch='decoder'; model.arch={cfg.model.arch!r} is not trainable "
-                        "with it")
     saved = rundir.read_config(run_dir)
     if saved is not None:
         rundir.check_compatible(saved, cfg, run_dir, allow_config_change)
@@ -71,18 +66,18 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     check_batch_layout(cfg, mesh.shape["data"])
 
     # Everything that can fail on user input happens before the run dir is touched.
-    data = build_data(cfg, run_dir, echo)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}")
-    tx = make_optimizer(cfg.train)
-    schedule = learning_rate_schedule(cfg.train)
+    task = build_data(cfg, run_dir, echo)
+    if task.tokenizer is not None and task.tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {task.tokenizer.get_vocab_size()} tokens but "
+                        f"model.vocab_size is {cfg.model.vocab_size}")
+    tx = make_optimizer(cfg.train, cfg.model.d_model)
+    schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
     graphdef, _ = abstract_model(cfg.model)
     target = abstract_train_state(cfg.model, tx, mesh)
     state_sharding = jax.tree.map(lambda s: s.sharding, target)
     has_checkpoint = Checkpointer.exists(run_dir / rundir.CHECKPOINT_DIR)
-    init_params = (load_params(cfg.train.init_from, cfg.model)
-                   if cfg.train.init_from and not has_checkpoint else None)
+    init_params, init_note = (load_params(cfg.train.init_from, cfg.model, cfg.train.seed)
+                              if cfg.train.init_from and not has_checkpoint else (None, ""))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
@@ -91,44 +86,53 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
         echo(f"resumed {run_dir} from step {int(state.step)}")
     elif init_params is not None:
         state = state_from_params(init_params, cfg.model, tx, mesh)
-        echo(f"initialized from {cfg.train.init_from}")
+        echo(f"initialized from {cfg.train.init_from}: {init_note}")
     else:
         state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
     rundir.write_config(run_dir, cfg)
-    if not (run_dir / rundir.TOKENIZER_FILE).exists():
-        save_tokenizer(data.tokenizer, run_dir / rundir.TOKENIZER_FILE)
+    if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
+        save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
 
     n_params = count_params(state.params)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(mesh.devices.flat[0], cfg.model.compute_dtype)
-    baseline = data.unigram_baseline()
+    baseline = task.baseline
+    unit = "accuracy" if task.baseline_name == "majority class" else "nats/token"
     echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTNH); "
-         f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; "
-         f"unigram baseline {baseline:.3f} nats/token")
+         f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; objective "
+         f"{cfg.objective.kind}; {task.baseline_name} baseline {baseline:.3f} {unit}")
 
     b_sharding = batch_sharding(mesh)
     rep = replicated(mesh)
     train_step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, state_sharding,
                                  b_sharding, rep, dropout=uses_dropout(cfg.model),
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed,
+                                 label_smoothing=cfg.objective.label_smoothing,
+                                 z_loss=cfg.objective.z_loss)
     eval_step = make_eval_step(graphdef, state_sharding.params, b_sharding, rep)
     reporter = Reporter(run_dir, echo)
     meta = {"config": rundir.config_lib.to_dict(cfg), "n_devices": mesh.size}
 
     def evaluate(params: Any) -> dict[str, float]:
         sums = np.zeros(3)
-        for batch in data.val_batches(cfg.train.batch_size, cfg.eval.batches or None):
-            out = eval_step(params, jax.device_put(batch.as_dict(), b_sharding))
-            sums += [float(out["loss_sum"]), float(out["weight_sum"]), float(out["correct_sum"])]
+        for batch in task.val_batches(cfg.train.batch_size, cfg.eval.batches or None):
+            out = eval_step(params, jax.device_put(batch, b_sharding))
+            sums += [float(out["nll_sum"]), float(out["weight_sum"]), float(out["correct_sum"])]
         loss = sums[0] / max(sums[1], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "accuracy": sums[2] / max(sums[1], 1.0)}
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                  "accuracy": sums[2] / max(sums[1], 1.0)}
+        if task.translation is not None:
+            result["exact_match"] = translation_exact_match(task.translation, graphdef, params,
+                                                            cfg.eval.batches or 16,
+                                                            cfg.train.batch_size)
+        return result
 
     start = int(jax.device_get(state.step))
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     losses: dict[int, float] = {}
     evals: dict[int, float] = {}
+    eval_metrics: dict[int, dict[str, float]] = {}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
                     dynamic_ncols=True, leave=True)
@@ -137,8 +141,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     step = start
     try:
         for step in range(start + 1, end + 1):
-            host_batch = data.train_batch(step - 1, cfg.train.batch_size, cfg.train.seed)
-            batch = jax.device_put(host_batch.as_dict(), b_sharding)
+            host_batch = task.train_batch(step - 1, cfg.train.batch_size, cfg.train.seed)
+            batch = jax.device_put(host_batch, b_sharding)
             state, metrics = train_step(state, batch)
             pending.append((step, metrics))
             bar.update(1)
@@ -163,10 +167,13 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 ev = evaluate(state.params)
                 evals[step] = ev["loss"]
+                eval_metrics[step] = ev
                 reporter.scalars(step, ev, "eval")
+                extra = (f" | exact match {ev['exact_match']:.3f}" if "exact_match" in ev
+                         else "")
                 say(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
-                          f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f} "
-                          f"(unigram baseline {baseline:.3f})")
+                    f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f}{extra} "
+                    f"({task.baseline_name} baseline {baseline:.3f})")
             if step % cfg.checkpoint.every == 0 or step == end:
                 ckpt.save(state, meta)
     except KeyboardInterrupt:
@@ -180,8 +187,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     ckpt.close()
 
     samples: list[str] = []
-    if step == cfg.train.steps and cfg.sample.prompts:
-        samples = generate_samples(cfg, graphdef, state.params, data)
+    if step == cfg.train.steps and cfg.sample.prompts and cfg.objective.kind == "causal":
+        samples = generate_samples(cfg, graphdef, state.params, task.pipeline)
         text = "\n\n".join(f"--- prompt {p!r}\n{p}{s}" for p, s in
                            zip(cfg.sample.prompts, samples, strict=True))
         (run_dir / "samples.txt").write_text(text + "\n")
@@ -190,7 +197,22 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
              f"top-p {cfg.sample.top_p}):\n{text}")
     reporter.close()
     return TrainResult(run_dir=run_dir, start_step=start, final_step=step, losses=losses,
-                       evals=evals, unigram_baseline=baseline, samples=samples)
+                       evals=evals, unigram_baseline=baseline, samples=samples,
+                       eval_metrics=eval_metrics)
+
+
+def translation_exact_match(task: SyntheticTranslation, graphdef: Any, params: Any,
+                            n_batches: int, batch_size: int) -> float:
+    """Share of held-out sources whose greedy translation equals the reference exactly."""
+    decoder = GreedyDecoder(graphdef)
+    hits = total = 0
+    for batch in task.val_batches(batch_size, n_batches):
+        out = decoder(params, batch["enc_inputs"], batch["enc_segment_ids"],
+                      batch["enc_positions"], task.seq_len, PAD_ID, EOS_ID)
+        want = np.where(batch["loss_weights"] > 0, batch["targets"], EOS_ID)
+        hits += int((out == want).all(axis=1).sum())
+        total += len(out)
+    return hits / max(total, 1)
 
 
 def generate_samples(cfg: Config, graphdef: Any, params: Any, data: DataPipeline) -> list[str]:

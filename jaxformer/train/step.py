@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from jaxformer.objectives.forward import objective_logits
 from jaxformer.objectives.loss import cross_entropy_sums
 from jaxformer.train.state import TrainState
 
@@ -24,12 +25,13 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def make_loss_sums(graphdef: nnx.GraphDef) -> Callable[..., Metrics]:
+def make_loss_sums(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0) -> Callable[..., Metrics]:
     def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                       dropout_rng=dropout_rng)
-        return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
+        logits = objective_logits(model, batch, dropout_rng)
+        return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
+                                  label_smoothing=label_smoothing, z_loss=z_loss)
 
     return loss_sums
 
@@ -47,12 +49,14 @@ def dropout_key(seed: int, step: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, state_sharding: TrainState,
                     batch_sharding: NamedSharding, metrics_sharding: NamedSharding,
-                    dropout: bool = False, seed: int = 0
+                    dropout: bool = False, seed: int = 0, label_smoothing: float = 0.0,
+                    z_loss: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
     and the incoming state donated (updated in place). With ``dropout`` the model gets a key
-    derived from (seed, step, micro-batch)."""
-    loss_sums = make_loss_sums(graphdef)
+    derived from (seed, step, micro-batch); label smoothing and z-loss shape the objective
+    (``loss``), while ``nll`` stays the plain negative log-likelihood."""
+    loss_sums = make_loss_sums(graphdef, label_smoothing, z_loss)
 
     def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         def objective(p):
@@ -73,8 +77,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
         micro = jax.tree.map(split, batch)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
-        zero_sums = {k: jnp.zeros((), jnp.float32)
-                     for k in ("loss_sum", "weight_sum", "correct_sum")}
+        zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                 jax.eval_shape(loss_sums, params, jax.tree.map(
+                                     lambda x: x[0], micro)))
 
         def body(carry, xs):
             mb, i = xs
@@ -97,6 +102,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["loss_sum"] / n,
+            "nll": sums["nll_sum"] / n,
+            "z_loss": sums["z_loss_sum"] / n,
             "accuracy": sums["correct_sum"] / n,
             "target_tokens": sums["weight_sum"],
             "grad_norm": optax.tree.norm(grads),

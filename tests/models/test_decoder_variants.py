@@ -15,7 +15,9 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models import DecoderLM, presets
+from jaxformer.models.decoder import prefix_mask
 from jaxformer.nn.attention import Attention
+from jaxformer.nn.masks import prefix_lm_mask
 
 BASE = dict(n_layers=2, d_model=32, n_heads=4, vocab_size=61, max_len=32)
 VARIANTS = {
@@ -109,15 +111,23 @@ def test_grouped_query_attention_is_its_definition(n_kv, kind):
 def test_prefix_lm_sees_the_whole_prefix_and_only_the_past_after_it():
     model = model_of(VARIANTS["llama_gqa"])
     ids, pos = tokens(1, 10), arange_positions(1, 10)
-    prefix = jnp.asarray([4])
-    base = model(ids, pos, prefix_len=prefix)
-    in_prefix = model(ids.at[0, 3].set((ids[0, 3] + 1) % 61), pos, prefix_len=prefix)
+    prefix = (jnp.arange(10) < 4)[None].astype(jnp.int32)
+    np.testing.assert_array_equal(prefix_mask(prefix)[0, 0],
+                                  prefix_lm_mask(jnp.asarray([4]), 10)[0, 0])
+    base = model(ids, pos, prefix=prefix)
+    in_prefix = model(ids.at[0, 3].set((ids[0, 3] + 1) % 61), pos, prefix=prefix)
     assert float(jnp.abs(in_prefix[0, 0] - base[0, 0]).max()) > 1e-4  # token 0 sees token 3
-    after = model(ids.at[0, 7].set((ids[0, 7] + 1) % 61), pos, prefix_len=prefix)
+    after = model(ids.at[0, 7].set((ids[0, 7] + 1) % 61), pos, prefix=prefix)
     np.testing.assert_allclose(after[0, :7], base[0, :7], atol=1e-6)  # still causal after it
     # A prefix of length 0 or 1 is the causal model.
-    np.testing.assert_allclose(model(ids, pos, prefix_len=jnp.asarray([1])), model(ids, pos),
-                               atol=1e-6)
+    one = (jnp.arange(10) < 1)[None].astype(jnp.int32)
+    np.testing.assert_allclose(model(ids, pos, prefix=one), model(ids, pos), atol=1e-6)
+    # Two packed documents, each with its own prefix: document 2 does not see document 1.
+    seg = jnp.asarray([[1] * 4 + [2] * 6])
+    two = jnp.asarray([[1, 1, 0, 0, 1, 1, 1, 0, 0, 0]])
+    packed = model(ids, jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), seg, prefix=two)
+    alone = model(ids[:, 4:], arange_positions(1, 6), prefix=two[:, 4:])
+    np.testing.assert_allclose(packed[0, 4:], alone[0], atol=2e-5)
 
 
 def test_dropout_only_with_a_key_and_different_keys_differ():

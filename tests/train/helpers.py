@@ -43,13 +43,14 @@ def random_batch(cfg: Config, seed: int, pad_tail: int = 3) -> dict[str, np.ndar
 def make_runner(cfg: Config, devices=None):
     """-> (state, step_fn, batch_sharding) on a mesh over ``devices`` (default: one)."""
     mesh = make_mesh(cfg.mesh, devices if devices is not None else jax.devices()[:1])
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train, cfg.model.d_model)
     graphdef, _ = abstract_model(cfg.model)
     state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
     shard = jax.tree.map(lambda x: x.sharding, state)
     b_sharding = batch_sharding(mesh)
-    step = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train), cfg.train.grad_accum,
-                           shard, b_sharding, replicated(mesh), dropout=uses_dropout(cfg.model),
+    schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
+    step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, shard, b_sharding,
+                           replicated(mesh), dropout=uses_dropout(cfg.model),
                            seed=cfg.train.seed)
     return state, step, b_sharding
 
