@@ -18,8 +18,10 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob(
 def test_experiment_runs_one_step(path, tmp_path):
     cfg = config_lib.load_experiment(path)
     corpus = write_corpus(tmp_path / "corpus", n_docs=200)
-    cfg = config_lib.apply_overrides(cfg, [
-        f"data.source={corpus}", "train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
-        "eval.batches=1", "data.val_fraction=0.1", "sample.prompts=[]"])
+    overrides = ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2", "eval.batches=1",
+                 "data.val_fraction=0.1", "sample.prompts=[]", "train.init_from="]
+    if not cfg.data.source.startswith("synthetic:"):  # generated data needs no corpus
+        overrides.append(f"data.source={corpus}")
+    cfg = config_lib.apply_overrides(cfg, overrides)
     result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
     assert result.final_step == 1 and result.losses[1] > 0

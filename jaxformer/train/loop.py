@@ -98,9 +98,11 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     peak = device_peak_flops(mesh.devices.flat[0], cfg.model.compute_dtype)
     baseline = task.baseline
     unit = "accuracy" if task.baseline_name == "majority class" else "nats/token"
+    baseline_note = ("" if math.isnan(baseline) else
+                     f" ({task.baseline_name} baseline {baseline:.3f})")
     echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTNH); "
          f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; objective "
-         f"{cfg.objective.kind}; {task.baseline_name} baseline {baseline:.3f} {unit}")
+         f"{cfg.objective.kind}{baseline_note.replace(')', f' {unit})')}")
 
     b_sharding = batch_sharding(mesh)
     rep = replicated(mesh)
@@ -172,8 +174,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                 extra = (f" | exact match {ev['exact_match']:.3f}" if "exact_match" in ev
                          else "")
                 say(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
-                    f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f}{extra} "
-                    f"({task.baseline_name} baseline {baseline:.3f})")
+                    f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f}{extra}"
+                    f"{baseline_note}")
             if step % cfg.checkpoint.every == 0 or step == end:
                 ckpt.save(state, meta)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,8 +108,6 @@ def test_fine_tune_from_hf_dir_starts_from_its_weights(hf_dir):
     assert "initialized from" in out.stdout
     _, params = load_run(run)
     imported = from_pretrained(tmp / "hf").params
-    import jax
-
     same = jax.tree.map(lambda a, b: bool(np.allclose(a, b, rtol=0, atol=1e-9)),
                         params, imported)
     assert all(jax.tree.leaves(same))
@@ -160,3 +159,37 @@ def test_convert_round_trip_of_encoder_models_and_their_clear_limits(family, tmp
     assert_user_error(jaxformer("train", EXPERIMENT, "--set", f"model.arch={arch}",
                                 "--run-dir", str(tmp_path / "t")), "autoregressive objective")
     assert not (tmp_path / "t").exists()
+
+
+def test_fine_tune_a_classifier_from_a_hugging_face_bert(tmp_path):
+    """`jaxformer train` with train.init_from=<HF BERT dir>: the encoder starts from the
+    imported weights, the pooler and classifier are new, the masked-LM head is left out."""
+    rng = np.random.default_rng(0)
+    tok = train_tokenizer([document(rng, i) for i in range(40)], 300)
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    save_tokenizer(tok, tmp_path / "hf" / "tokenizer.json")
+    run = tmp_path / "ft"
+    out = jaxformer("train", "experiments/bert_classify.py", "--set", "model.n_layers=2",
+                    "--set", "model.d_model=32", "--set", "model.n_heads=2",
+                    "--set", "model.max_len=64", "--set", "model.d_ff=64",
+                    "--set", f"model.vocab_size={tok.get_vocab_size()}",
+                    "--set", "data.seq_len=32", "--set", "train.batch_size=8",
+                    "--set", "train.steps=1", "--set", "train.warmup_steps=0",
+                    "--set", "train.lr=1e-12", "--set", "eval.batches=1",
+                    "--set", f"train.init_from={tmp_path / 'hf'}", "--run-dir", str(run),
+                    "--no-progress")
+    assert out.returncode == 0, out.stderr[-3000:]
+    note = next(line for line in out.stdout.splitlines() if line.startswith("initialized from"))
+    assert "new (initialized): classifier, pooler" in note
+    assert "not used: mlm" in note
+    _, params = load_run(run)
+    imported = from_pretrained(tmp_path / "hf").params
+    for name in ("embed", "inputs", "blocks"):
+        same = jax.tree.map(lambda a, b: bool(np.allclose(a, b, rtol=0, atol=1e-9)),
+                            params[name], imported[name])
+        assert all(jax.tree.leaves(same)), name
+    assert params["classifier"]["w"].shape == (32, 4)

@@ -1,0 +1,78 @@
+"""Short versions of the recipes: each objective trains a tiny model through the real loop
+and must beat its baseline by a margin (the full recipes and their numbers: docs/objectives.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from jaxformer import config as config_lib
+from jaxformer.config import Config, ModelConfig
+from jaxformer.models import presets
+from jaxformer.train.loop import train
+from tests.corpus import write_corpus
+
+SMALL = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=400, max_len=64)
+
+
+def run(tmp_path, model: ModelConfig, *overrides: str, corpus: bool = True):
+    cfg = dataclasses.replace(Config(), model=model)
+    base = ["train.batch_size=16", "train.warmup_steps=10", "log.every=10",
+            "data.val_fraction=0.1", "sample.prompts=[]", "eval.batches=4"]
+    if corpus:
+        base.append(f"data.source={write_corpus(tmp_path / 'corpus', n_docs=120)}")
+    cfg = config_lib.apply_overrides(cfg, base + list(overrides))
+    return train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
+
+
+def final_eval(result) -> dict[str, float]:
+    return result.eval_metrics[max(result.eval_metrics)]
+
+
+def test_masked_lm_beats_the_unigram_baseline(tmp_path):
+    r = run(tmp_path, presets.bert(**SMALL), "objective.kind=masked_lm", "data.seq_len=64",
+            "train.steps=120", "train.lr=3e-3", "eval.every=120")
+    ev = final_eval(r)
+    assert ev["loss"] < r.unigram_baseline - 0.5, (ev, r.unigram_baseline)
+    assert ev["accuracy"] > 0.2, ev
+
+
+def test_prefix_lm_learns_the_continuation(tmp_path):
+    r = run(tmp_path, presets.prefix_lm(**SMALL), "objective.kind=prefix_lm", "data.seq_len=64",
+            "train.steps=120", "train.lr=3e-3", "eval.every=120")
+    assert final_eval(r)["loss"] < r.unigram_baseline - 1.0, (final_eval(r), r.unigram_baseline)
+
+
+def test_span_corruption_learns_the_spans(tmp_path):
+    r = run(tmp_path, presets.t5_v1_1(**SMALL), "objective.kind=span_corruption",
+            "data.seq_len=64", "train.steps=120", "train.lr=3e-3", "eval.every=120")
+    ev = final_eval(r)
+    assert ev["loss"] < r.unigram_baseline - 1.0, (ev, r.unigram_baseline)
+    assert ev["accuracy"] > 0.3, ev
+
+
+def test_transformer_2017_learns_to_reverse(tmp_path):
+    model = presets.transformer_2017(n_layers=2, d_model=128, n_heads=4, d_ff=256,
+                                     vocab_size=64, max_len=32)
+    r = run(tmp_path, model, "objective.kind=seq2seq", "data.source=synthetic:reverse",
+            "data.seq_len=17", "objective.label_smoothing=0.1", "train.schedule=inverse_sqrt",
+            "train.lr=0.3", "train.warmup_steps=150", "train.batch_size=32", "train.steps=500",
+            "eval.every=500", "eval.batches=4", corpus=False)
+    ev = final_eval(r)
+    assert ev["accuracy"] > 0.9, ev  # per target token
+    assert ev["exact_match"] > 0.5, ev  # whole sequences, greedy decoding
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["objective.kind=span_corruption"], "trains model.arch='encoder_decoder'"),
+    (["model.arch=encoder", "objective.kind=masked_lm", "objective.mask_rate=1.5"],
+     "mask rate must be in (0, 1)"),
+    (["model.arch=encoder_decoder", "objective.kind=span_corruption", "data.seq_len=2",
+      "model.max_len=8"], "too short"),
+])
+def test_objective_that_does_not_fit_is_a_config_error(bad, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.apply_overrides(Config(), bad)
