@@ -30,10 +30,10 @@ def config() -> Config:
         objective=ObjectiveConfig(kind="seq2seq", label_smoothing=0.1),
         # lr is the multiplier of the paper's d^-0.5 * min(n^-0.5, n * warmup^-1.5); Adam's
         # betas (0.9, 0.98) as in the paper.
-        train=TrainConfig(batch_size=64, steps=1500, schedule="inverse_sqrt", lr=0.3,
+        train=TrainConfig(batch_size=64, steps=2000, schedule="inverse_sqrt", lr=0.3,
                           warmup_steps=200, beta1=0.9, beta2=0.98, weight_decay=0.0),
         checkpoint=CheckpointConfig(every=500, keep=2),
         log=LogConfig(every=50),
-        eval=EvalConfig(every=500, batches=8),
+        eval=EvalConfig(every=500, batches=16),
         sample=SampleConfig(prompts=()),
     )

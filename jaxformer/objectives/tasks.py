@@ -28,7 +28,7 @@ from jaxformer.data.classification import PackageSnippets
 from jaxformer.data.errors import DataError
 from jaxformer.data.packing import stack_examples
 from jaxformer.data.pipeline import DataPipeline
-from jaxformer.data.synthetic import SyntheticTranslation, is_synthetic
+from jaxformer.data.synthetic import EOS_ID, PAD_ID, SyntheticTranslation, is_synthetic
 from jaxformer.data.tokenizer import PAD, eos_id
 from jaxformer.objectives import masked_lm, prefix_lm, span_corruption
 from jaxformer.objectives.specials import MASK, extra_special_tokens, sentinel
@@ -61,7 +61,10 @@ def build_task(cfg: Config, tokenizer_path: Path, log: Callable[[str], None]) ->
                             f"data.source={d.source!r}")
         return _translation_task(cfg, log)
     if is_synthetic(d.source):
-        raise DataError(f"data.source={d.source!r} is a seq2seq task; set objective.kind=seq2seq")
+        if kind == "prefix_lm":
+            return _pair_prefix_task(cfg, log)
+        raise DataError(f"data.source={d.source!r} is a pair task; set objective.kind=seq2seq "
+                        "(encoder-decoder) or prefix_lm (decoder)")
     seq_len = d.seq_len
     if kind == "span_corruption":
         o = cfg.objective
@@ -166,6 +169,30 @@ def _classification_task(cfg: Config, pipeline: DataPipeline,
                 val_batches=lambda b, n: data.val_batches(b, n or 16),
                 baseline_name="majority class", baseline=1.0 / len(data.classes),
                 tokenizer=pipeline.tokenizer, pipeline=pipeline)
+
+
+def _pair_prefix_task(cfg: Config, log: Callable[[str], None]) -> Task:
+    """Input -> target pairs for a decoder: ``source EOS target EOS`` in one row, the source
+    (and its EOS) the bidirectional prefix, the loss on the target."""
+    task = _translation_task(cfg, log).translation
+    assert task is not None
+
+    def row(src: np.ndarray) -> Batch:
+        return prefix_lm.prefix_example_from_pair(
+            task.source_ids(src), task.target_ids(task.translate(src)), cfg.data.seq_len,
+            EOS_ID, PAD_ID)
+
+    def train_batch(step: int, b: int, seed: int) -> Batch:
+        return stack_examples([row(task.sample(np.random.default_rng([seed, step, r]), False))
+                               for r in range(b)])
+
+    def val_batches(b: int, n: int | None) -> Iterator[Batch]:
+        sources = task.heldout_sources(b * (n or 16))
+        for k in range(n or 16):
+            yield stack_examples([row(s) for s in sources[k * b:(k + 1) * b]])
+
+    return Task(name="prefix_lm", train_batch=train_batch, val_batches=val_batches,
+                baseline_name="unigram", baseline=float("nan"))
 
 
 def _translation_task(cfg: Config, log: Callable[[str], None]) -> Task:
