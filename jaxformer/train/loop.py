@@ -163,6 +163,9 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                           "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
                           "tokens_per_sec": tps, "step_time_s": elapsed,
                           "mfu": mfu(fpt, tps, mesh.size, peak)}
+                if cfg.objective.label_smoothing or cfg.objective.z_loss:
+                    values["nll"] = float(np.mean([f[1]["nll"] for f in fetched]))
+                    values["z_loss"] = float(np.mean([f[1]["z_loss"] for f in fetched]))
                 reporter.scalars(step, values, "train")
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 say(f"step {step:>6} | {format_metrics(values)}")
