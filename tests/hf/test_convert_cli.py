@@ -130,8 +130,8 @@ def test_init_from_that_does_not_fit_is_a_one_line_error(hf_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_convert_round_trip_of_encoder_models_and_their_clear_limits(family, tmp_path):
-    """BERT and T5 go HF -> run dir -> HF through the CLI with the same logits; training and
-    sampling, which need a decoder-only model, refuse them in one line."""
+    """BERT and T5 go HF -> run dir -> HF through the CLI with the same logits; sampling, and
+    training with the causal objective, need a decoder-only model and refuse them in one line."""
     torch.manual_seed(0)
     if family == "bert":
         model = transformers.BertForMaskedLM(transformers.BertConfig(
@@ -157,7 +157,8 @@ def test_convert_round_trip_of_encoder_models_and_their_clear_limits(family, tmp
     assert_user_error(jaxformer("sample", str(run), "--prompt", "x"), "decoder-only")
     arch = "encoder" if family == "bert" else "encoder_decoder"
     assert_user_error(jaxformer("train", EXPERIMENT, "--set", f"model.arch={arch}",
-                                "--run-dir", str(tmp_path / "t")), "autoregressive objective")
+                                "--run-dir", str(tmp_path / "t")),
+                      "objective.kind='causal' trains model.arch='decoder'")
     assert not (tmp_path / "t").exists()
 
 
