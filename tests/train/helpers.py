@@ -55,10 +55,13 @@ def make_runner(cfg: Config, devices=None):
     return state, step, b_sharding
 
 
-def run_steps(cfg: Config, n: int, devices=None) -> tuple[list[float], object]:
+def run_steps(cfg: Config, n: int, devices=None, fixed_batch: bool = False
+              ) -> tuple[list[float], object]:
+    """n train steps on random batches (or, with fixed_batch, on batch 0 every step)."""
     state, step, b_sharding = make_runner(cfg, devices)
     losses = []
     for s in range(n):
-        state, metrics = step(state, jax.device_put(random_batch(cfg, s), b_sharding))
+        batch = random_batch(cfg, 0 if fixed_batch else s)
+        state, metrics = step(state, jax.device_put(batch, b_sharding))
         losses.append(float(metrics["loss"]))
     return losses, state
