@@ -10,11 +10,9 @@ with the attention's out axis split into heads: w_q [D, N, H], w_out [N, H, D]).
 
 from __future__ import annotations
 
-import numpy as np
-
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
-from jaxformer.hf.mapping import Rule
+from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
 from jaxformer.models import presets
 
 MODEL_TYPE = "bert"
@@ -25,23 +23,6 @@ CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "relu": "relu"}
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-
-
-def _transposed(x: np.ndarray) -> np.ndarray:
-    """Their Linear weight [out, in] -> our [in, out] (and back: it is its own inverse)."""
-    return np.ascontiguousarray(x.T)
-
-
-def _heads_in(x: np.ndarray) -> np.ndarray:
-    """Our w_q/w_k/w_v [D, N, H] -> their [N*H, D]; biases [N, H] -> [N*H]."""
-    if x.ndim == 2:
-        return x.reshape(-1)
-    return x.reshape(x.shape[0], -1).T
-
-
-def _heads_out(x: np.ndarray) -> np.ndarray:
-    """Our w_out [N, H, D] -> their [D, N*H]."""
-    return x.reshape(-1, x.shape[-1]).T
 
 
 def _num_labels(hf: dict) -> int:
@@ -128,7 +109,7 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def _dense(ours: str, theirs: str) -> list[Rule]:
     """A jaxformer Dense (w [in, out], b) <-> a torch Linear (weight [out, in], bias)."""
-    return [Rule(ours + "/w", theirs + ".weight", to_ours=_transposed, to_theirs=_transposed),
+    return [Rule(ours + "/w", theirs + ".weight", to_ours=transpose, to_theirs=transpose),
             Rule(ours + "/b", theirs + ".bias")]
 
 
@@ -137,36 +118,29 @@ def _norm(ours: str, theirs: str) -> list[Rule]:
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:
-    n, h = cfg.n_heads, cfg.head_size
     emb = "bert.embeddings."
     out = [Rule("embed/table", emb + "word_embeddings.weight"),
            Rule("inputs/positions/table", emb + "position_embeddings.weight"),
            Rule("inputs/token_types/table", emb + "token_type_embeddings.weight"),
            *_norm("inputs/norm", emb + "LayerNorm")]
 
-    def head_in(x: np.ndarray) -> np.ndarray:  # their [N*H, D] or [N*H] -> ours
-        return x.reshape(n, h) if x.ndim == 1 else x.T.reshape(-1, n, h)
-
-    def head_out(x: np.ndarray) -> np.ndarray:  # their [D, N*H] -> our [N, H, D]
-        return x.T.reshape(n, h, -1)
-
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks/{i}/", f"bert.encoder.layer.{i}."
         for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
             out += [Rule(ours + f"attn/w_{p}", theirs + f"attention.self.{name}.weight",
-                         to_ours=head_in, to_theirs=_heads_in),
+                         to_ours=transpose, to_theirs=in_major),
                     Rule(ours + f"attn/b_{p}", theirs + f"attention.self.{name}.bias",
-                         to_ours=head_in, to_theirs=_heads_in)]
+                         to_theirs=flat)]
         out += [
             Rule(ours + "attn/w_out", theirs + "attention.output.dense.weight",
-                 to_ours=head_out, to_theirs=_heads_out),
+                 to_ours=transpose, to_theirs=out_major),
             Rule(ours + "attn/b_out", theirs + "attention.output.dense.bias"),
             *_norm(ours + "attn_norm", theirs + "attention.output.LayerNorm"),
-            Rule(ours + "mlp/wi", theirs + "intermediate.dense.weight", to_ours=_transposed,
-                 to_theirs=_transposed),
+            Rule(ours + "mlp/wi", theirs + "intermediate.dense.weight", to_ours=transpose,
+                 to_theirs=transpose),
             Rule(ours + "mlp/bi", theirs + "intermediate.dense.bias"),
-            Rule(ours + "mlp/wo", theirs + "output.dense.weight", to_ours=_transposed,
-                 to_theirs=_transposed),
+            Rule(ours + "mlp/wo", theirs + "output.dense.weight", to_ours=transpose,
+                 to_theirs=transpose),
             Rule(ours + "mlp/bo", theirs + "output.dense.bias"),
             *_norm(ours + "mlp_norm", theirs + "output.LayerNorm"),
         ]
@@ -179,6 +153,6 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     if not cfg.tie_embeddings:
         # Untied, transformers saves the decoder's own copy of the bias too (and uses it).
         out += [Rule("mlm/unembed/lm_head", "cls.predictions.decoder.weight",
-                     to_ours=_transposed, to_theirs=_transposed),
+                     to_ours=transpose, to_theirs=transpose),
                 Rule("mlm/bias", "cls.predictions.decoder.bias")]
     return out

@@ -27,11 +27,6 @@ def _split_qkv(x: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.split(x, 3, axis=-1))
 
 
-def _out_matrix(x: np.ndarray) -> np.ndarray:
-    """Our [N, H, D] output projection -> their [N*H, D]."""
-    return x.reshape(-1, x.shape[-1])
-
-
 def model_config(hf: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -90,7 +85,9 @@ def rules(cfg: ModelConfig) -> list[Rule]:
                  to_ours=_split_qkv, to_theirs=_fused_qkv),
             Rule(tuple(ours + f"attn/b_{p}" for p in "qkv"), theirs + "attn.c_attn.bias",
                  to_ours=_split_qkv, to_theirs=_fused_qkv),
-            Rule(ours + "attn/w_out", theirs + "attn.c_proj.weight", to_theirs=_out_matrix),
+            # Conv1D [in, out]: our [N, H, D] -> their [N*H, D].
+            Rule(ours + "attn/w_out", theirs + "attn.c_proj.weight",
+                 to_theirs=lambda x: x.reshape(-1, x.shape[-1])),
             Rule(ours + "attn/b_out", theirs + "attn.c_proj.bias"),
             Rule(ours + "mlp_norm/scale", theirs + "ln_2.weight"),
             Rule(ours + "mlp_norm/bias", theirs + "ln_2.bias"),

@@ -10,34 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
-from jaxformer.hf.mapping import Rule
+from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
 from jaxformer.models import presets
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    """Their [out, in] -> [in, out] (reshaped to our head layout afterwards)."""
-    return x.T
-
-
-def _in_major(x: np.ndarray) -> np.ndarray:
-    """Our [in, *out] (e.g. w_q [D, N, H]) -> their [prod(out), in]."""
-    return x.reshape(x.shape[0], -1).T
-
-
-def _out_major(x: np.ndarray) -> np.ndarray:
-    """Our [*in, out] (e.g. w_out [N, H, D]) -> their [out, prod(in)]."""
-    return x.reshape(-1, x.shape[-1]).T
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1)
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -105,25 +84,25 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     out = [Rule("embed/table", "model.embed_tokens.weight"),
            Rule("final_norm/scale", "model.norm.weight")]
     if not cfg.tie_embeddings:
-        out.append(Rule("unembed/lm_head", "lm_head.weight", to_ours=_transpose,
-                        to_theirs=_in_major))
+        out.append(Rule("unembed/lm_head", "lm_head.weight", to_ours=transpose,
+                        to_theirs=in_major))
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks/{i}/", f"model.layers.{i}."
         out += [Rule(ours + "attn_norm/scale", theirs + "input_layernorm.weight"),
                 Rule(ours + "mlp_norm/scale", theirs + "post_attention_layernorm.weight"),
                 Rule(ours + "attn/w_out", theirs + "self_attn.o_proj.weight",
-                     to_ours=_transpose, to_theirs=_out_major),
-                Rule(ours + "mlp/wo", theirs + "mlp.down_proj.weight", to_ours=_transpose,
-                     to_theirs=_out_major)]
+                     to_ours=transpose, to_theirs=out_major),
+                Rule(ours + "mlp/wo", theirs + "mlp.down_proj.weight", to_ours=transpose,
+                     to_theirs=out_major)]
         for p in "qkv":
             out.append(Rule(ours + f"attn/w_{p}", theirs + f"self_attn.{p}_proj.weight",
-                            to_ours=_transpose, to_theirs=_in_major))
+                            to_ours=transpose, to_theirs=in_major))
         for ours_name, theirs_name in (("wi_gate", "gate_proj"), ("wi_up", "up_proj")):
             out.append(Rule(ours + f"mlp/{ours_name}", theirs + f"mlp.{theirs_name}.weight",
-                            to_ours=_transpose, to_theirs=_in_major))
+                            to_ours=transpose, to_theirs=in_major))
         if cfg.use_bias:
             out += [Rule(ours + f"attn/b_{p}", theirs + f"self_attn.{p}_proj.bias",
-                         to_theirs=_flat) for p in "qkv"]
+                         to_theirs=flat) for p in "qkv"]
             out += [Rule(ours + "attn/b_out", theirs + "self_attn.o_proj.bias"),
                     Rule(ours + "mlp/bi_gate", theirs + "mlp.gate_proj.bias"),
                     Rule(ours + "mlp/bi_up", theirs + "mlp.up_proj.bias"),

@@ -25,6 +25,27 @@ def same(x: np.ndarray) -> np.ndarray:
     return x
 
 
+# torch ``nn.Linear`` stores [out, in]; ours are [in, out] with head axes split out. These are
+# the layouts between them (to_ours transposes; the generic import then reshapes).
+def transpose(x: np.ndarray) -> np.ndarray:
+    """Their [out, in] -> [in, out]."""
+    return np.asarray(x).T
+
+
+def in_major(x: np.ndarray) -> np.ndarray:
+    """Our [in, *out] (e.g. w_q [D, N, H]) -> their [prod(out), in]."""
+    return x.reshape(x.shape[0], -1).T
+
+
+def out_major(x: np.ndarray) -> np.ndarray:
+    """Our [*in, out] (e.g. w_out [N, H, D]) -> their [out, prod(in)]."""
+    return x.reshape(-1, x.shape[-1]).T
+
+
+def flat(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     ours: str | tuple[str, ...]  # "/"-joined path(s) in the pure parameter dict

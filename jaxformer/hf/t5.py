@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
-from jaxformer.hf.mapping import Rule
+from jaxformer.hf.mapping import Rule, in_major, out_major, transpose
 from jaxformer.models import presets
 
 MODEL_TYPE = "t5"
@@ -30,20 +30,6 @@ ARCHITECTURE = "T5ForConditionalGeneration"
 # feed_forward_proj -> our activation (transformers maps "gated-gelu" to gelu_new, the tanh form).
 ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu_tanh", "gelu": "gelu",
                "gelu_new": "gelu_tanh", "gated-gelu_new": "geglu_tanh", "gated-silu": "swiglu"}
-
-
-def _t(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x).T
-
-
-def _in_proj_to_theirs(w: np.ndarray) -> np.ndarray:
-    """Our [D, N, H] -> their [N*H, D]."""
-    return w.reshape(w.shape[0], -1).T
-
-
-def _out_proj_to_theirs(w: np.ndarray) -> np.ndarray:
-    """Our [N, H, D] -> their [D, N*H]."""
-    return w.reshape(-1, w.shape[-1]).T
 
 
 def _scales_head(hf: dict) -> bool:
@@ -121,17 +107,17 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 
 def _attention_rules(ours: str, theirs: str) -> list[Rule]:
-    return [*(Rule(f"{ours}/w_{p}", f"{theirs}.{p}.weight", to_ours=_t,
-                   to_theirs=_in_proj_to_theirs) for p in "qkv"),
-            Rule(f"{ours}/w_out", f"{theirs}.o.weight", to_ours=_t,
-                 to_theirs=_out_proj_to_theirs)]
+    return [*(Rule(f"{ours}/w_{p}", f"{theirs}.{p}.weight", to_ours=transpose,
+                   to_theirs=in_major) for p in "qkv"),
+            Rule(f"{ours}/w_out", f"{theirs}.o.weight", to_ours=transpose,
+                 to_theirs=out_major)]
 
 
 def _mlp_rules(cfg: ModelConfig, ours: str, theirs: str) -> list[Rule]:
     names = ([("wi_gate", "wi_0"), ("wi_up", "wi_1")]
              if cfg.activation in ("geglu_tanh", "geglu", "swiglu") else [("wi", "wi")])
-    return [Rule(f"{ours}/{a}", f"{theirs}.DenseReluDense.{b}.weight", to_ours=_t,
-                 to_theirs=_t) for a, b in [*names, ("wo", "wo")]]
+    return [Rule(f"{ours}/{a}", f"{theirs}.DenseReluDense.{b}.weight", to_ours=transpose,
+                 to_theirs=transpose) for a, b in [*names, ("wo", "wo")]]
 
 
 def rules(cfg: ModelConfig) -> list[Rule]:
@@ -143,7 +129,8 @@ def rules(cfg: ModelConfig) -> list[Rule]:
            Rule("enc_norm/scale", "encoder.final_layer_norm.weight"),
            Rule("dec_norm/scale", "decoder.final_layer_norm.weight")]
     if not cfg.tie_embeddings:
-        out.append(Rule("unembed/lm_head", "lm_head.weight", to_ours=_t, to_theirs=_t))
+        out.append(Rule("unembed/lm_head", "lm_head.weight", to_ours=transpose,
+                        to_theirs=transpose))
     for i in range(cfg.n_layers):
         ours, theirs = f"encoder/{i}", f"encoder.block.{i}.layer"
         out += [Rule(f"{ours}/attn_norm/scale", f"{theirs}.0.layer_norm.weight"),
