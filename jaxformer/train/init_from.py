@@ -78,8 +78,8 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
 
 
 def _groups(names: list[str]) -> str:
-    """Parameter paths summarized by their module ("blocks/0/mlp/wi" -> "blocks/0/mlp")."""
-    return ", ".join(sorted({n.rsplit("/", 1)[0] for n in names}))
+    """Parameter paths summarized by their top-level module ("mlm/norm/scale" -> "mlm")."""
+    return ", ".join(sorted({n.split("/", 1)[0] for n in names}))
 
 
 def state_from_params(params: dict[str, Any], model_cfg: ModelConfig,
