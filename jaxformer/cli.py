@@ -1,4 +1,4 @@
-"""The ``jaxformer`` command: train | sample | bench | convert.
+"""The ``jaxformer`` command: train | sample | bench | convert | plot.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
 """
@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--to-hf", type=Path, metavar="RUN_DIR", help="a jaxformer run dir")
     p.add_argument("--out", type=Path, required=True, help="the directory to create")
     p.add_argument("--step", type=int, help="with --to-hf: checkpoint step (default latest)")
+
+    p = sub.add_parser("plot", help="curves of runs, or the LR schedule of an experiment, as PNG")
+    p.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR")
+    p.add_argument("--metric", default="eval/loss", help="TensorBoard tag (default eval/loss)")
+    p.add_argument("--log-y", action="store_true", help="logarithmic y axis")
+    p.add_argument("--schedule", metavar="EXPERIMENT", help="plot this experiment's LR schedule")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --schedule: override a config value (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
 
     p = sub.add_parser("bench", help="time train steps on synthetic tokens")
     experiment_args(p)
@@ -123,8 +132,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from jaxformer.analysis.plots import plot_runs, plot_schedule
+
+    if args.schedule:
+        if args.run_dirs:
+            raise UserError("plot either RUN_DIRs or --schedule EXPERIMENT, not both")
+        args.experiment = args.schedule
+        cfg = _load(args)
+        lrs = plot_schedule(cfg, args.out)
+        print(f"wrote {args.out}: {cfg.train.schedule} schedule, peak {lrs.max():.3g}, "
+              f"last {lrs[-1]:.3g}")
+        return 0
+    if not args.run_dirs:
+        raise UserError("plot needs RUN_DIRs (or --schedule EXPERIMENT)")
+    for run_dir in args.run_dirs:
+        if not run_dir.is_dir():
+            raise UserError(f"run dir {run_dir} does not exist")
+    plot_runs(args.run_dirs, args.metric, args.out, log_y=args.log_y)
+    print(f"wrote {args.out}: {args.metric} of {len(args.run_dirs)} run(s)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "plot": cmd_plot}
 
 if __name__ == "__main__":
     sys.exit(main())

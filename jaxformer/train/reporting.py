@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,12 @@ class Reporter:
 
     def __init__(self, run_dir: Path, echo: Callable[[str], None], enabled: bool = True):
         self.echo = echo
-        self.writer = tensorboardX.SummaryWriter(str(run_dir)) if enabled else None
+        # The file name has a one-second timestamp; a resume within the same second would
+        # overwrite the earlier file, so a nanosecond suffix keeps each writer's file apart (and
+        # the names in creation order).
+        suffix = f".{time.time_ns():020d}"
+        self.writer = (tensorboardX.SummaryWriter(str(run_dir), filename_suffix=suffix)
+                       if enabled else None)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
         if self.writer is None:
