@@ -14,6 +14,10 @@ FLOPs per trained token (PaLM appendix B convention, causal attention halved):
   (4·T·N·H); training triples it; causal masking halves the useful part (6·T·N·H).
 
 MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used.
+
+The formula is the decoder-only one. For encoder and encoder-decoder models (tokens counted on
+the encoder side) it is an approximation: it leaves out the decoder stack and cross-attention of
+encoder-decoders and does not double the attention term for bidirectional attention.
 """
 
 from __future__ import annotations
