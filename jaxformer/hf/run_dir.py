@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jaxformer.config import Config, DataConfig
+from jaxformer.config import Config, DataConfig, ModelConfig, ObjectiveConfig
 from jaxformer.errors import UserError
 from jaxformer.hf.api import from_pretrained, save_pretrained
 from jaxformer.train import rundir
@@ -28,13 +28,21 @@ def _refuse_existing(out: Path) -> None:
         raise UserError(f"{out} exists and is not empty; choose another --out")
 
 
+def _objective_of(model: ModelConfig) -> str:
+    """The objective a converted model is set up to continue training with."""
+    if model.arch == "encoder":
+        return "classification" if model.num_labels else "masked_lm"
+    return "span_corruption" if model.arch == "encoder_decoder" else "causal"
+
+
 def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
     """Writes a run dir (config, tokenizer, step-0 checkpoint) from a transformers directory."""
     hf_dir, out = Path(hf_dir), Path(out)
     _refuse_existing(out)
     model = from_pretrained(hf_dir)  # every check happens before anything is written
     cfg = Config(name=out.name, model=model.config,
-                 data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)))
+                 data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)),
+                 objective=ObjectiveConfig(kind=_objective_of(model.config)))
     tx = make_optimizer(cfg.train, cfg.model.d_model)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=model.params,
                        opt_state=tx.init(model.params))

@@ -65,6 +65,14 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
         raise UserError(f"train.init_from: {source} shares no parameter with the model")
     new = sorted(set(expected) - set(found))
     unused = sorted(set(found) - set(expected))
+    # Whole modules may be new (a classifier) or left out (a masked-LM head); a module both
+    # sides have must match parameter for parameter (another layer count is not a fine-tune).
+    both = {n.split("/", 1)[0] for n in expected} & {n.split("/", 1)[0] for n in found}
+    for name in new + unused:
+        if name.split("/", 1)[0] in both:
+            where = "the source lacks" if name in expected else "the model lacks"
+            raise UserError(f"train.init_from: {source} does not fit the model: parameter "
+                            f"{name} ({where} it)")
     flat = flatten(params)
     if new:
         fresh = flatten(init_params(model_cfg, seed))
