@@ -39,6 +39,24 @@ def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
     return DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
 
 
+def model_norm(cfg: ModelConfig) -> nnx.Module:
+    """The norm ``cfg`` names, over d_model."""
+    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                     param_dtype=dtypes(cfg)[1])
+
+
+def final_norm(cfg: ModelConfig) -> nnx.Module | None:
+    """The norm after a stack's last block, or None when ``cfg.final_norm`` is off."""
+    return model_norm(cfg) if cfg.final_norm else None
+
+
+def token_table(cfg: ModelConfig, rngs: nnx.Rngs) -> Embedding:
+    """The token embedding table [V, D] (also the tied un-embedding)."""
+    dtype, pdtype = dtypes(cfg)
+    return Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                     param_dtype=pdtype, rngs=rngs)
+
+
 def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
     """n independent keys from ``rng`` (or n Nones: no dropout)."""
     return [None] * n if rng is None else list(jax.random.split(rng, n))
@@ -80,8 +98,7 @@ class InputEmbedding(nnx.Module):
         self.token_types = (Embedding(cfg.type_vocab_size, cfg.d_model, init_std=cfg.init_std,
                                       dtype=dtype, param_dtype=pdtype, rngs=rngs)
                             if cfg.type_vocab_size else None)
-        self.norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                               param_dtype=pdtype) if cfg.embed_norm else None)
+        self.norm = model_norm(cfg) if cfg.embed_norm else None
 
     def __call__(self, embed: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
                  token_types: jnp.ndarray | None = None,
@@ -178,8 +195,7 @@ class TransformerBlock(nnx.Module):
         self.cfg = cfg
 
         def norm():
-            return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                             param_dtype=pdtype)
+            return model_norm(cfg)
 
         self.attn_norm = norm()
         self.attn = make_attention(cfg, rngs=rngs)

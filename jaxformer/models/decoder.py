@@ -18,13 +18,13 @@ from jaxformer.models.common import (
     TransformerBlock,
     Unembedding,
     dtypes,
+    final_norm,
     split_rng,
+    token_table,
 )
 from jaxformer.nn.attention import LayerCache, decode_mask
-from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
-from jaxformer.nn.norms import make_norm
 
 
 def prefix_mask(prefix: jnp.ndarray) -> jnp.ndarray:
@@ -47,15 +47,11 @@ class DecoderLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype, pdtype = dtypes(cfg)
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
-                               param_dtype=pdtype, rngs=rngs)
+        self.embed = token_table(cfg, rngs)
         self.inputs = InputEmbedding(cfg, rngs=rngs)
         self.rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
         self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
-                                     use_bias=cfg.use_bias, param_dtype=pdtype)
-                           if cfg.final_norm else None)
+        self.final_norm = final_norm(cfg)
         self.unembed = Unembedding(cfg, rngs=rngs)
 
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray,

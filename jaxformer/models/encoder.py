@@ -30,7 +30,9 @@ from jaxformer.models.common import (
     TransformerBlock,
     Unembedding,
     dtypes,
+    final_norm,
     split_rng,
+    token_table,
 )
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
@@ -93,14 +95,11 @@ class EncoderModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype, pdtype = dtypes(cfg)
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
-                               param_dtype=pdtype, rngs=rngs)
+        self.embed = token_table(cfg, rngs)
         self.inputs = InputEmbedding(cfg, rngs=rngs)
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
-                                     use_bias=cfg.use_bias, param_dtype=pdtype)
-                           if cfg.final_norm else None)
+        self.final_norm = final_norm(cfg)
         if cfg.num_labels > 0:
             self.mlm = None
             self.pooler = Dense(cfg.d_model, cfg.d_model, ("embed", None),

@@ -23,12 +23,12 @@ from jaxformer.models.common import (
     TransformerBlock,
     Unembedding,
     dtypes,
+    final_norm,
     split_rng,
+    token_table,
 )
 from jaxformer.nn.attention import LayerCache, decode_mask
-from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.masks import padding_mask, segment_mask
-from jaxformer.nn.norms import make_norm
 
 
 def _arange_positions(tokens: jnp.ndarray) -> jnp.ndarray:
@@ -48,24 +48,18 @@ class EncoderDecoderLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype, pdtype = dtypes(cfg)
 
-        def final_norm():
-            return (make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                              param_dtype=pdtype) if cfg.final_norm else None)
-
-        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
-                               param_dtype=pdtype, rngs=rngs)
+        self.embed = token_table(cfg, rngs)
         self.enc_inputs = InputEmbedding(cfg, rngs=rngs)
         self.dec_inputs = InputEmbedding(cfg, rngs=rngs)
         self.enc_rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.dec_rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
         self.encoder = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.enc_norm = final_norm()
+        self.enc_norm = final_norm(cfg)
         n_dec = cfg.n_decoder_layers or cfg.n_layers
         self.decoder = nnx.List([TransformerBlock(cfg, cross_attention=True, rngs=rngs)
                                  for _ in range(n_dec)])
-        self.dec_norm = final_norm()
+        self.dec_norm = final_norm(cfg)
         self.unembed = Unembedding(cfg, rngs=rngs)
 
     def __call__(self, enc_tokens: jnp.ndarray, dec_tokens: jnp.ndarray,
