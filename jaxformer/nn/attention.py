@@ -6,6 +6,12 @@ Letters: B batch, T query length, S key length, D model width, N query heads, K 
 The softmax itself is a kernel from ``attention_kernels`` (reference einsum, XLA, cuDNN, Pallas
 flash/splash), chosen by name; this module owns the projections, rotary embeddings, the decode
 cache and attention-weight dropout.
+
+Attention maps: with ``capture_attention`` set (off by default; see
+``jaxformer.analysis.attention_maps``), a call computes the reference kernel's explicit softmax,
+whatever ``implementation`` says, and sows it as ``nnx.Intermediate`` "attention_weights"
+[B, N, T, S] float32 (after masking: rows sum to 1, hidden keys are 0), to be collected with
+``nnx.capture``. The output is the reference kernel's, so only the kernel choice changes.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.nn.attention_kernels import get_attention_fn, reference_attention
+from jaxformer.nn.attention_kernels import (
+    apply_attention_weights,
+    attention_weights,
+    get_attention_fn,
+    reference_attention,
+)
+from jaxformer.nn.dropout import dropout
 from jaxformer.nn.params import constant_param, normal_param
 from jaxformer.nn.positional import apply_rope
 
@@ -50,6 +62,17 @@ def decode_mask(batch: int, query_len: int, cache_len: int, cache_index: jnp.nda
     return jnp.broadcast_to(mask, (batch, 1, query_len, cache_len))
 
 
+def attend_and_sow(module: nnx.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                    kwargs: dict, rate: float, dropout_rng: jax.Array | None) -> jnp.ndarray:
+    """The reference kernel in its two halves, sowing the probabilities [B, N, T, S] (before
+    any dropout) on ``module`` as ``nnx.Intermediate`` "attention_weights" -> [B, T, N, H]."""
+    weights = attention_weights(q, k, **kwargs)
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+    if dropout_rng is not None and rate > 0.0:
+        weights = dropout(weights, rate, dropout_rng)
+    return apply_attention_weights(weights, v)
+
+
 class Attention(nnx.Module):
     """Attention with separate query, key and value projections (optionally biased).
 
@@ -57,7 +80,12 @@ class Attention(nnx.Module):
     kv_heads, head_dim), ``w_out`` [N, H, D] (heads, head_dim, embed); with ``use_bias`` also
     ``b_q`` [N, H], ``b_k``/``b_v`` [K, H] and ``b_out`` [D]. For self-attention the three input
     projections run as one matmul on their concatenated weights.
+
+    ``capture_attention`` (a plain attribute, False unless set): sow the attention
+    probabilities, see the module docstring.
     """
+
+    capture_attention: bool = False
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  head_dim: int | None = None, use_bias: bool = True, init_std: float = 0.02,
@@ -143,7 +171,9 @@ class Attention(nnx.Module):
             k, v = k.astype(dt), v.astype(dt)
         kwargs = dict(mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
                       segment_ids=segment_ids, window=window)
-        if dropout_rng is not None and self.dropout > 0.0:
+        if self.capture_attention:
+            out = attend_and_sow(self, q, k, v, kwargs, self.dropout, dropout_rng)
+        elif dropout_rng is not None and self.dropout > 0.0:
             # Only the reference kernel drops attention weights; the fused ones cannot.
             out = reference_attention(q, k, v, dropout_rate=self.dropout,
                                       dropout_rng=dropout_rng, **kwargs)

@@ -76,18 +76,17 @@ def dense_mask(q_len: int, k_len: int, *, mask: jnp.ndarray | None = None,
     return functools.reduce(jnp.logical_and, parts) if parts else None
 
 
-def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
-                        mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
-                        is_causal: bool = False, scale: float | None = None,
-                        segment_ids: jnp.ndarray | None = None,
-                        window: int | None = None, dropout_rate: float = 0.0,
-                        dropout_rng: jax.Array | None = None) -> jnp.ndarray:
-    """softmax(q k^T * scale + bias, hidden keys at MASK_VALUE) v, scores and softmax in float32.
+def attention_weights(q: jnp.ndarray, k: jnp.ndarray, *, mask: jnp.ndarray | None = None,
+                      bias: jnp.ndarray | None = None, is_causal: bool = False,
+                      scale: float | None = None, segment_ids: jnp.ndarray | None = None,
+                      window: int | None = None) -> jnp.ndarray:
+    """softmax(q k^T * scale + bias, hidden keys at MASK_VALUE) over the keys, in float32.
 
-    The textbook formula in two einsums; the yardstick the other kernels are checked against.
-    The only kernel with dropout on the attention weights (``dropout_rng`` given, rate > 0).
+    q: [B, T, N, H], k: [B, S, K, H], the masks as in the kernels -> [B, N, T, S] float32:
+    every row sums to 1 and hidden keys get exactly 0 (a row with every key hidden is
+    uniform). The first half of ``reference_attention``; attention maps read it directly.
     """
-    _check_shapes(q, k, v, segment_ids)
+    _check_shapes(q, k, k, segment_ids)
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
     scale = h**-0.5 if scale is None else scale
@@ -103,9 +102,35 @@ def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
         # Masking after the bias puts hidden keys at exactly MASK_VALUE, so a row with every
         # key hidden gives a uniform softmax rather than NaN.
         scores = jnp.where(visible, scores, MASK_VALUE)
-    weights = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_rng).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.reshape(b, kv, n // kv, t, s), v)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def apply_attention_weights(weights: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """weights: [B, N, T, S] (cast to v's dtype), v: [B, S, K, H] -> [B, T, N, H]; query
+    head n reads value head n // (N // K). The second half of ``reference_attention``."""
+    b, n, t, s = weights.shape
+    kv, h = v.shape[2], v.shape[3]
+    w5 = weights.astype(v.dtype).reshape(b, kv, n // kv, t, s)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", w5, v)
     return out.reshape(b, t, n, h)
+
+
+def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+                        mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
+                        is_causal: bool = False, scale: float | None = None,
+                        segment_ids: jnp.ndarray | None = None,
+                        window: int | None = None, dropout_rate: float = 0.0,
+                        dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+    """softmax(q k^T * scale + bias, hidden keys at MASK_VALUE) v, scores and softmax in float32.
+
+    The textbook formula in two einsums (``attention_weights``, then
+    ``apply_attention_weights``); the yardstick the other kernels are checked against.
+    The only kernel with dropout on the attention weights (``dropout_rng`` given, rate > 0).
+    """
+    _check_shapes(q, k, v, segment_ids)
+    weights = attention_weights(q, k, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
+                                segment_ids=segment_ids, window=window)
+    return apply_attention_weights(dropout(weights, dropout_rate, dropout_rng), v)
 
 
 def _jax_nn_attention(implementation: str, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,

@@ -31,6 +31,10 @@ the cache is long and T small (decoding).
 
 No biases (DeepSeek's ``attention_bias=False``); RoPE is always applied to the decoupled part,
 whatever the model's ``pos_encoding``.
+
+``capture_attention`` (off by default) sows the attention probabilities [B, N, T, S] as in
+``attention.Attention`` (the reference kernel's softmax; with ``absorb`` the same numbers, from
+the latent keys).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.nn.attention import attend_and_sow
 from jaxformer.nn.attention_kernels import get_attention_fn, reference_attention
 from jaxformer.nn.norms import RMSNorm
 from jaxformer.nn.params import constant_param, normal_param
@@ -74,7 +79,12 @@ class MultiHeadLatentAttention(nnx.Module):
     heads, head_dim); ``w_dkv`` [D, C] (embed, kv_lora), ``kv_norm`` (scale [C], kv_lora),
     ``w_kr`` [D, R] (embed, head_dim), ``w_uk`` [C, N, P] and ``w_uv`` [C, N, V] (kv_lora,
     heads, head_dim), ``w_out`` [N, V, D] (heads, head_dim, embed).
+
+    ``capture_attention`` (a plain attribute, False unless set): sow the attention
+    probabilities, see ``attention.Attention``.
     """
+
+    capture_attention: bool = False
 
     def __init__(self, d_model: int, n_heads: int, *, kv_lora_rank: int, qk_rope_head_dim: int,
                  qk_nope_head_dim: int, v_head_dim: int, q_lora_rank: int = 0,
@@ -135,7 +145,9 @@ class MultiHeadLatentAttention(nnx.Module):
         hv = v.shape[-1]
         h = max(q.shape[-1], hv)
         q, k, v = _pad_last(q, h), _pad_last(k, h), _pad_last(v, h)
-        if dropout_rng is not None and self.dropout > 0.0:
+        if self.capture_attention:
+            out = attend_and_sow(self, q, k, v, kwargs, self.dropout, dropout_rng)
+        elif dropout_rng is not None and self.dropout > 0.0:
             out = reference_attention(q, k, v, dropout_rate=self.dropout,
                                       dropout_rng=dropout_rng, **kwargs)
         else:
