@@ -73,6 +73,22 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # Layers as one scanned block with stacked weights (compiles once, whatever n_layers);
+    # checkpoints then hold blocks with a leading "layers" axis.
+    scan_layers: bool = False
+    # Rematerialization of each block in the backward pass: none | full | save_dots |
+    # save_dots_no_batch (jaxformer.models.layer_stack.REMAT_POLICIES)
+    remat: str = "none"
+    # Mixture of experts (jaxformer.nn.moe): n_experts > 0 replaces the feed-forward of every
+    # moe_every-th block (1: all) by n_experts experts of width moe_d_ff (0: d_ff).
+    n_experts: int = 0
+    experts_top_k: int = 2  # 1: Switch; 2: Mixtral
+    capacity_factor: float = 1.25  # <= 0: dropless
+    n_shared_experts: int = 0  # DeepSeekMoE always-on experts
+    moe_d_ff: int = 0
+    moe_every: int = 1
+    router_aux_loss: float = 0.01  # load-balancing loss coefficient (Switch: 0.01)
+    router_z_loss: float = 0.001  # router z-loss coefficient (ST-MoE: 0.001)
 
     @property
     def kv_heads(self) -> int:
@@ -149,7 +165,23 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # devices on the data axis; -1 means all devices
+    """Device mesh and the logical-axis rules (see jaxformer.parallel and docs/scaling.md).
+
+    Axis sizes: 0 takes the preset's size, -1 fills the remaining devices (at most one axis).
+    preset: data (data parallel) | fsdp (parameters, gradients, optimizer state sharded) |
+    fsdp_tensor (FSDP + Megatron-style heads/MLP split on ``tensor``) | sequence (activations
+    split along the sequence) | expert (MoE experts split on ``expert``).
+    rules: "logical=mesh_axis" entries that replace the preset's rule for that logical axis;
+    several mesh axes join with "+" ("batch=data+fsdp"); an empty right side replicates.
+    """
+
+    preset: str = "data"
+    data: int = 0
+    fsdp: int = 0
+    tensor: int = 0
+    sequence: int = 0
+    expert: int = 0
+    rules: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,11 +360,14 @@ _CHOICES = {
     "model.attention": ("auto", "reference", "xla", "cudnn", "flash", "splash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_dots", "save_dots_no_batch"),
+    "mesh.preset": ("data", "fsdp", "fsdp_tensor", "sequence", "expert"),
     "train.schedule": ("cosine", "linear", "constant", "wsd", "inverse_sqrt"),
 }
 _POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
              "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
-             "train.grad_accum", "checkpoint.every", "checkpoint.keep", "log.every", "eval.every")
+             "train.grad_accum", "checkpoint.every", "checkpoint.keep", "log.every", "eval.every",
+             "model.moe_every")
 
 
 def get_key(cfg: Config, key: str) -> Any:
@@ -386,6 +421,13 @@ def validate(cfg: Config) -> Config:
                           f"{m.arch!r}), kv_lora_rank, qk_nope_head_dim and v_head_dim > 0 and "
                           f"an even qk_rope_head_dim > 0 (got {m.kv_lora_rank}, "
                           f"{m.qk_nope_head_dim}, {m.v_head_dim}, {m.qk_rope_head_dim})")
+    if m.n_experts < 0 or m.moe_d_ff < 0 or m.n_shared_experts < 0:
+        raise ConfigError("model.n_experts, model.moe_d_ff and model.n_shared_experts must be "
+                          ">= 0")
+    if m.n_experts and not 1 <= m.experts_top_k <= m.n_experts:
+        raise ConfigError(f"model.experts_top_k={m.experts_top_k} must be between 1 and "
+                          f"model.n_experts={m.n_experts}")
+    validate_mesh(cfg.mesh)
     validate_objective(cfg)
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
@@ -404,6 +446,24 @@ def validate(cfg: Config) -> Config:
     if t.lr <= 0:
         raise ConfigError(f"bad value for train.lr: {t.lr} must be positive")
     return cfg
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+    """Axis sizes and rule syntax (whether the sizes fit the devices is checked at start-up)."""
+    sizes = {a: getattr(mesh, a) for a in ("data", "fsdp", "tensor", "sequence", "expert")}
+    for axis, size in sizes.items():
+        if size < -1:
+            raise ConfigError(f"bad value for mesh.{axis}: {size}; use a size >= 1, 0 (the "
+                              "preset's) or -1 (the remaining devices)")
+    if sum(size == -1 for size in sizes.values()) > 1:
+        raise ConfigError("at most one mesh axis may be -1 (fill the remaining devices); got "
+                          + ", ".join(f"mesh.{a}=-1" for a, s in sizes.items() if s == -1))
+    for rule in mesh.rules:
+        name, sep, axes = rule.partition("=")
+        unknown = [a for a in axes.split("+") if a and a not in sizes]
+        if not sep or not name.strip() or unknown:
+            raise ConfigError(f"bad mesh rule {rule!r}: expected logical=mesh_axis[+mesh_axis] "
+                              f"with mesh axes among {', '.join(sizes)}")
 
 
 # The model architecture each objective trains.

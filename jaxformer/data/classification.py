@@ -87,9 +87,11 @@ class PackageSnippets:
         files = docs[label]
         return self._example(files[int(rng.integers(len(files)))], label, rng)
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    def train_batch(self, step: int, batch_size: int, seed: int,
+                    rows: range | None = None) -> dict[str, np.ndarray]:
+        """Row b of step s from default_rng([seed, s, b]); ``rows``: only these rows."""
         return stack_examples([self._draw(self.train_docs, np.random.default_rng([seed, step, b]))
-                       for b in range(batch_size)])
+                               for b in (range(batch_size) if rows is None else rows)])
 
     def val_batches(self, batch_size: int, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
         """Class-balanced held-out snippets (so the majority class scores 1 / n_classes)."""

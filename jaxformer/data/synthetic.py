@@ -97,10 +97,12 @@ class SyntheticTranslation:
                 "segment_ids": real_dec.astype(np.int32),
                 "positions": np.where(real_dec, np.arange(t), 0).astype(np.int32)}
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """Row b of step s comes from default_rng([seed, s, b]): a pure function of the step."""
+    def train_batch(self, step: int, batch_size: int, seed: int,
+                    rows: range | None = None) -> dict[str, np.ndarray]:
+        """Row b of step s comes from default_rng([seed, s, b]): a pure function of the step.
+        ``rows``: only these rows of the batch (one process's share)."""
         rows = [self.example(self.sample(np.random.default_rng([seed, step, b]), False))
-                for b in range(batch_size)]
+                for b in (range(batch_size) if rows is None else rows)]
         return stack_examples(rows)
 
     def heldout_sources(self, n: int, seed: int = 0) -> list[np.ndarray]:

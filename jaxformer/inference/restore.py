@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ from jaxformer.parallel.mesh import make_mesh
 from jaxformer.train import rundir
 from jaxformer.train.checkpoint import Checkpointer
 from jaxformer.train.optimizer import make_optimizer
-from jaxformer.train.state import abstract_model, abstract_train_state
+from jaxformer.train.state import abstract_model, abstract_train_state, looped
 
 
 def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, dict[str, Any]]:
-    """-> (the run's config, the parameters of its latest checkpoint or of ``step``)."""
+    """-> (the run's config, the parameters of its latest checkpoint or of ``step``), with the
+    blocks as a list (a run trained with scanned layers comes back with scan_layers off)."""
     run_dir = Path(run_dir)
     cfg = rundir.read_config(run_dir)
     if cfg is None:
@@ -37,7 +39,8 @@ def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, dict[str, 
         state, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
-    return cfg, state.params
+    model_cfg, _, params = looped(cfg.model, state.params)
+    return dataclasses.replace(cfg, model=model_cfg), params
 
 
 def load_generator(run_dir: Path, step: int | None = None

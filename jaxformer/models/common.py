@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.feedforward import FeedForward
 from jaxformer.nn.mla import MultiHeadLatentAttention
+from jaxformer.nn.moe import MoEFeedForward
+from jaxformer.nn.moe_stats import record
 from jaxformer.nn.norms import make_norm
 from jaxformer.nn.params import normal_param
 from jaxformer.nn.positional import (
@@ -30,6 +33,7 @@ from jaxformer.nn.positional import (
     alibi_slopes,
     sinusoidal_encoding,
 )
+from jaxformer.parallel.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -190,9 +194,11 @@ class TransformerBlock(nnx.Module):
     Params: ``attn_norm``, ``attn``, [``cross_norm``, ``cross_attn``], ``mlp_norm``, ``mlp``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, moe: bool = False,
+                 rngs: nnx.Rngs):
         dtype, pdtype = dtypes(cfg)
         self.cfg = cfg
+        self.moe = moe
 
         def norm():
             return model_norm(cfg)
@@ -205,10 +211,18 @@ class TransformerBlock(nnx.Module):
         else:
             self.cross_norm = self.cross_attn = None
         self.mlp_norm = norm()
-        self.mlp = FeedForward(cfg.d_model, cfg.ff_width, activation=cfg.activation,
-                               use_bias=cfg.use_bias, init_std=cfg.init_std,
-                               out_std=residual_out_std(cfg), dtype=dtype, param_dtype=pdtype,
-                               rngs=rngs)
+        if moe:
+            self.mlp = MoEFeedForward(
+                cfg.d_model, cfg.moe_d_ff or cfg.ff_width, n_experts=cfg.n_experts,
+                top_k=cfg.experts_top_k, capacity_factor=cfg.capacity_factor,
+                n_shared_experts=cfg.n_shared_experts, activation=cfg.activation,
+                init_std=cfg.init_std, out_std=residual_out_std(cfg), dtype=dtype,
+                param_dtype=pdtype, rngs=rngs)
+        else:
+            self.mlp = FeedForward(cfg.d_model, cfg.ff_width, activation=cfg.activation,
+                                   use_bias=cfg.use_bias, init_std=cfg.init_std,
+                                   out_std=residual_out_std(cfg), dtype=dtype,
+                                   param_dtype=pdtype, rngs=rngs)
 
     def _residual(self, x: jnp.ndarray, norm: nnx.Module, branch, rng: jax.Array | None):
         if self.cfg.norm_position == "pre":
@@ -239,8 +253,23 @@ class TransformerBlock(nnx.Module):
                                        **ci.kwargs())[0]
 
             x = self._residual(x, self.cross_norm, cross_attn, rngs[3])
-        x = self._residual(x, self.mlp_norm, self.mlp, rngs[4])
+        x = self._residual(x, self.mlp_norm, partial(self._feed_forward, inputs=inputs), rngs[4])
         return x, new_cache
+
+    def _feed_forward(self, h: jnp.ndarray, inputs: AttentionInputs) -> jnp.ndarray:
+        if not self.moe:
+            return self.mlp(h)
+        # Padding (segment id 0) takes no expert capacity and does not count in router stats.
+        mask = None if inputs.segment_ids is None else inputs.segment_ids > 0
+        y, stats = self.mlp(h, mask)
+        record(self, "moe_stats", stats)
+        return y
+
+
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    """Whether block ``i`` (0-based) has a mixture-of-experts feed-forward: every
+    ``moe_every``-th block, counting from the last of each group (1: all)."""
+    return cfg.n_experts > 0 and (i + 1) % cfg.moe_every == 0
 
 
 class Unembedding(nnx.Module):
@@ -260,7 +289,8 @@ class Unembedding(nnx.Module):
         if self.lm_head is None:
             if self.cfg.scale_tied_logits:
                 x = x * jnp.asarray(self.cfg.d_model ** -0.5, x.dtype)
-            return embed.attend(x)
+            return constrain(embed.attend(x), ("batch", "length", "act_vocab"))
         b, t, d = x.shape
         logits = x.astype(self.dtype).reshape(b * t, d) @ self.lm_head[...].astype(self.dtype)
-        return logits.reshape(b, t, -1).astype(jnp.float32)
+        return constrain(logits.reshape(b, t, -1).astype(jnp.float32),
+                         ("batch", "length", "act_vocab"))

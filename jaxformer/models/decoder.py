@@ -19,9 +19,11 @@ from jaxformer.models.common import (
     Unembedding,
     dtypes,
     final_norm,
+    is_moe_layer,
     split_rng,
     token_table,
 )
+from jaxformer.models.layer_stack import apply_blocks, make_blocks
 from jaxformer.nn.attention import LayerCache, decode_mask
 from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
@@ -50,7 +52,8 @@ class DecoderLM(nnx.Module):
         self.embed = token_table(cfg, rngs)
         self.inputs = InputEmbedding(cfg, rngs=rngs)
         self.rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
-        self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_blocks(cfg, cfg.n_layers, lambda i, r: TransformerBlock(
+            cfg, moe=is_moe_layer(cfg, i), rngs=r), rngs)
         self.final_norm = final_norm(cfg)
         self.unembed = Unembedding(cfg, rngs=rngs)
 
@@ -69,7 +72,7 @@ class DecoderLM(nnx.Module):
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        rngs = split_rng(dropout_rng, len(self.blocks) + 1)
+        rngs = split_rng(dropout_rng, cfg.n_layers + 1)
         inputs = AttentionInputs(q_positions=positions,
                                  bias=self.rel_bias(positions, positions),
                                  window=cfg.sliding_window or None)
@@ -78,8 +81,8 @@ class DecoderLM(nnx.Module):
         else:
             inputs.mask = prefix_mask(prefix) & segment_mask(segment_ids)
         x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
-        for block, rng in zip(self.blocks, rngs, strict=False):
-            x, _ = block(x, inputs, dropout_rng=rng)
+        x = apply_blocks(self, self.blocks, cfg, x, rngs[:-1],
+                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
         return self._logits(x)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache] | list[MLACache]:

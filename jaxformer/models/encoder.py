@@ -31,9 +31,11 @@ from jaxformer.models.common import (
     Unembedding,
     dtypes,
     final_norm,
+    is_moe_layer,
     split_rng,
     token_table,
 )
+from jaxformer.models.layer_stack import apply_blocks, make_blocks
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.feedforward import ACTIVATIONS, GATED_ACTIVATIONS, activation_fn
@@ -98,7 +100,8 @@ class EncoderModel(nnx.Module):
         self.embed = token_table(cfg, rngs)
         self.inputs = InputEmbedding(cfg, rngs=rngs)
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
-        self.blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_blocks(cfg, cfg.n_layers, lambda i, r: TransformerBlock(
+            cfg, moe=is_moe_layer(cfg, i), rngs=r), rngs)
         self.final_norm = final_norm(cfg)
         if cfg.num_labels > 0:
             self.mlm = None
@@ -124,13 +127,13 @@ class EncoderModel(nnx.Module):
         """
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        rngs = split_rng(dropout_rng, len(self.blocks) + 1)
+        rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
         inputs = AttentionInputs(q_positions=positions, is_causal=False,
                                  segment_ids=segment_ids,
                                  bias=self.rel_bias(positions, positions))
         x = self.inputs(self.embed, tokens, positions, token_types, dropout_rng=rngs[-1])
-        for block, rng in zip(self.blocks, rngs, strict=False):
-            x, _ = block(x, inputs, dropout_rng=rng)
+        x = apply_blocks(self, self.blocks, self.cfg, x, rngs[:-1],
+                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x

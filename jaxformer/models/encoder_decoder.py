@@ -24,9 +24,11 @@ from jaxformer.models.common import (
     Unembedding,
     dtypes,
     final_norm,
+    is_moe_layer,
     split_rng,
     token_table,
 )
+from jaxformer.models.layer_stack import apply_blocks, make_blocks
 from jaxformer.nn.attention import LayerCache, decode_mask
 from jaxformer.nn.masks import padding_mask, segment_mask
 
@@ -54,11 +56,12 @@ class EncoderDecoderLM(nnx.Module):
         self.dec_inputs = InputEmbedding(cfg, rngs=rngs)
         self.enc_rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.dec_rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
-        self.encoder = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.encoder = make_blocks(cfg, cfg.n_layers, lambda i, r: TransformerBlock(
+            cfg, moe=is_moe_layer(cfg, i), rngs=r), rngs)
         self.enc_norm = final_norm(cfg)
         n_dec = cfg.n_decoder_layers or cfg.n_layers
-        self.decoder = nnx.List([TransformerBlock(cfg, cross_attention=True, rngs=rngs)
-                                 for _ in range(n_dec)])
+        self.decoder = make_blocks(cfg, n_dec, lambda i, r: TransformerBlock(
+            cfg, cross_attention=True, moe=is_moe_layer(cfg, i), rngs=r), rngs)
         self.dec_norm = final_norm(cfg)
         self.unembed = Unembedding(cfg, rngs=rngs)
 
@@ -87,10 +90,11 @@ class EncoderDecoderLM(nnx.Module):
                                  is_causal=True, segment_ids=dec_segment_ids,
                                  window=self.cfg.sliding_window or None)
         cross = AttentionInputs(mask=segment_mask(dec_segment_ids, enc_segment_ids))
-        rngs = split_rng(dec_rng, len(self.decoder) + 1)
+        rngs = split_rng(dec_rng, (self.cfg.n_decoder_layers or self.cfg.n_layers) + 1)
         x = self.dec_inputs(self.embed, dec_tokens, dec_positions, dropout_rng=rngs[-1])
-        for block, rng in zip(self.decoder, rngs, strict=False):
-            x, _ = block(x, inputs, context=memory, cross_inputs=cross, dropout_rng=rng)
+        x = apply_blocks(self, self.decoder, self.cfg, x, rngs[:-1],
+                         lambda block, h, rng: block(h, inputs, context=memory,
+                                                     cross_inputs=cross, dropout_rng=rng)[0])
         return self._logits(x)
 
     def encode(self, enc_tokens: jnp.ndarray, enc_segment_ids: jnp.ndarray | None = None,
@@ -105,10 +109,10 @@ class EncoderDecoderLM(nnx.Module):
         inputs = AttentionInputs(q_positions=enc_positions,
                                  bias=self.enc_rel_bias(enc_positions, enc_positions),
                                  segment_ids=enc_segment_ids)
-        rngs = split_rng(dropout_rng, len(self.encoder) + 1)
+        rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
         x = self.enc_inputs(self.embed, enc_tokens, enc_positions, dropout_rng=rngs[-1])
-        for block, rng in zip(self.encoder, rngs, strict=False):
-            x, _ = block(x, inputs, dropout_rng=rng)
+        x = apply_blocks(self, self.encoder, self.cfg, x, rngs[:-1],
+                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
         return x if self.enc_norm is None else self.enc_norm(x)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:

@@ -43,7 +43,9 @@ class Task:
     """What the train loop needs from the data, whatever the objective."""
 
     name: str
-    train_batch: Callable[[int, int, int], Batch]  # (step, batch_size, seed) -> batch
+    # (step, batch_size, seed, share, n_shares) -> rows [share * B/n, (share + 1) * B/n) of
+    # the global batch of the step (one process's share; (0, 1): the whole batch)
+    train_batch: Callable[[int, int, int, int, int], Batch]
     val_batches: Callable[[int, int | None], Iterator[Batch]]  # (batch_size, max_batches)
     baseline_name: str  # "unigram" (nats/token) or "majority class" (accuracy)
     baseline: float
@@ -81,24 +83,32 @@ def build_task(cfg: Config, tokenizer_path: Path, log: Callable[[str], None]) ->
     transform = _row_transform(cfg, pipeline.tokenizer)
     return Task(
         name=kind,
-        train_batch=lambda step, b, seed: _map_rows(
-            pipeline.train_batch(step, b, seed).as_dict(), transform, seed, step, b),
+        train_batch=lambda step, b, seed, share=0, n=1: _map_rows(
+            pipeline.train_batch(step, b, seed, share, n).as_dict(), transform, seed, step,
+            share_rows(b, share, n).start),
         val_batches=lambda b, n: (
-            _map_rows(batch.as_dict(), transform, cfg.train.seed, _VAL_STEP + k, b)
+            _map_rows(batch.as_dict(), transform, cfg.train.seed, _VAL_STEP + k, 0)
             for k, batch in enumerate(pipeline.val_batches(b, n))),
         baseline_name="unigram", baseline=pipeline.unigram_baseline(),
         tokenizer=pipeline.tokenizer, pipeline=pipeline)
 
 
+def share_rows(batch_size: int, share: int, n_shares: int) -> range:
+    """The global row indices of share ``share`` of ``n_shares`` of a batch."""
+    local = batch_size // n_shares
+    return range(share * local, (share + 1) * local)
+
+
 def _map_rows(batch: Batch, transform: Callable[[Batch, np.random.Generator], Batch] | None,
-              seed: int, step: int, batch_size: int) -> Batch:
-    """Applies the per-row transform with the row's own generator (identity: causal)."""
+              seed: int, step: int, first_row: int) -> Batch:
+    """Applies the per-row transform with the row's own generator (identity: causal); row b
+    of ``batch`` is row ``first_row + b`` of the global batch."""
     if transform is None:
         return batch
     rows = []
     for b in range(len(batch["inputs"])):
         row = {k: v[b] for k, v in batch.items()}
-        out = transform(row, np.random.default_rng([seed, step, b]))
+        out = transform(row, np.random.default_rng([seed, step, first_row + b]))
         if not row["loss_weights"].any():  # a padding row of a validation batch stays silent
             out["loss_weights"] = np.zeros_like(out["loss_weights"])
         rows.append(out)
@@ -165,7 +175,9 @@ def _classification_task(cfg: Config, pipeline: DataPipeline,
     data = PackageSnippets.create(pipeline.tokenizer, cfg.model.num_labels, cfg.data.seq_len,
                                   seed=cfg.data.seed)
     log(f"classification: which stdlib package a snippet comes from: {', '.join(data.classes)}")
-    return Task(name="classification", train_batch=data.train_batch,
+    return Task(name="classification",
+                train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
+                    step, b, seed, share_rows(b, share, n)),
                 val_batches=lambda b, n: data.val_batches(b, n or 16),
                 baseline_name="majority class", baseline=1.0 / len(data.classes),
                 tokenizer=pipeline.tokenizer, pipeline=pipeline)
@@ -182,9 +194,9 @@ def _pair_prefix_task(cfg: Config, log: Callable[[str], None]) -> Task:
             task.source_ids(src), task.target_ids(task.translate(src)), cfg.data.seq_len,
             EOS_ID, PAD_ID)
 
-    def train_batch(step: int, b: int, seed: int) -> Batch:
+    def train_batch(step: int, b: int, seed: int, share: int = 0, n: int = 1) -> Batch:
         return stack_examples([row(task.sample(np.random.default_rng([seed, step, r]), False))
-                               for r in range(b)])
+                               for r in share_rows(b, share, n)])
 
     def val_batches(b: int, n: int | None) -> Iterator[Batch]:
         sources = task.heldout_sources(b * (n or 16))
@@ -202,6 +214,8 @@ def _translation_task(cfg: Config, log: Callable[[str], None]) -> Task:
     if cfg.model.vocab_size < vocab_size():
         raise DataError(f"{cfg.data.source} needs model.vocab_size >= {vocab_size()}")
     log(f"data: {cfg.data.source}, generated per step (no tokenizer)")
-    return Task(name="seq2seq", train_batch=task.train_batch,
+    return Task(name="seq2seq",
+                train_batch=lambda step, b, seed, share=0, n=1: task.train_batch(
+                    step, b, seed, share_rows(b, share, n)),
                 val_batches=lambda b, n: task.val_batches(b, n or 16),
                 baseline_name="unigram", baseline=float("nan"), translation=task)

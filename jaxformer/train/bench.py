@@ -17,12 +17,8 @@ import jax
 import numpy as np
 
 from jaxformer.config import Config
-from jaxformer.parallel.mesh import check_batch_layout, make_mesh
-from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
-from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxformer.train.state import abstract_model, create_train_state
-from jaxformer.train.step import make_train_step, uses_dropout
+from jaxformer.train.runtime import build_runtime, format_memory
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -38,22 +34,18 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def bench(cfg: Config, steps: int, warmup: int = 2,
           echo: Callable[[str], None] = print) -> dict[str, Any]:
-    mesh = make_mesh(cfg.mesh)
-    check_batch_layout(cfg, mesh.shape["data"])
-    tx = make_optimizer(cfg.train, cfg.model.d_model)
-    graphdef, _ = abstract_model(cfg.model)
-    state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    b_sharding = batch_sharding(mesh)
-    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.train, cfg.model.d_model),
-                              cfg.train.grad_accum, state_sharding, b_sharding, replicated(mesh),
-                              dropout=uses_dropout(cfg.model), seed=cfg.train.seed)
-    batch = jax.device_put(synthetic_batch(cfg), b_sharding)
+    rt = build_runtime(cfg)
+    mesh = rt.mesh
+    state = rt.init_state()
+    step_fn = rt.train_step
+    batch = rt.put_batch(synthetic_batch(cfg))
 
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    echo(f"compiled in {compile_s:.1f}s; {warmup} warm-up + {steps} timed steps")
+    memory = rt.memory_report(state, compiled)
+    echo(f"compiled in {compile_s:.1f}s; {format_memory(memory)}; {warmup} warm-up + {steps} "
+         "timed steps")
 
     times = []
     for i in range(warmup + steps):
@@ -82,6 +74,8 @@ def bench(cfg: Config, steps: int, warmup: int = 2,
         "seq_len": cfg.data.seq_len,
         "compute_dtype": cfg.model.compute_dtype,
         "final_loss": float(metrics["loss"]),
+        "mesh": {a: n for a, n in mesh.shape.items() if n > 1},
+        "memory": memory,
     }
 
 

@@ -5,6 +5,7 @@ Only the parameters are taken; the optimizer starts fresh at step 0, as fine-tun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import optax
 
 from jaxformer.config import ModelConfig
 from jaxformer.errors import UserError
+from jaxformer.models.layer_stack import stack_params
+from jaxformer.parallel.sharding import Rules
 from jaxformer.train.checkpoint import param_layout
 from jaxformer.train.state import TrainState, abstract_model, state_shardings
 
@@ -54,6 +57,8 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
         from jaxformer.inference.restore import load_run
 
         _, params = load_run(source)
+    scan = model_cfg.scan_layers  # compare in the looped layout, stack at the end
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     template = nnx.to_pure_dict(abstract_model(model_cfg)[1])
     expected, found = param_layout(template), param_layout(params)
     shared = sorted(set(expected) & set(found))
@@ -82,7 +87,8 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
         note += f"; new (initialized): {_groups(new)}"
     if unused:
         note += f"; not used: {_groups(unused)}"
-    return unflatten_like(template, flat), note
+    params = unflatten_like(template, flat)
+    return (stack_params(params) if scan else params), note
 
 
 def _groups(names: list[str]) -> str:
@@ -91,11 +97,12 @@ def _groups(names: list[str]) -> str:
 
 
 def state_from_params(params: dict[str, Any], model_cfg: ModelConfig,
-                      tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+                      tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                      rules: Rules | None = None) -> TrainState:
     """A step-0 TrainState holding ``params``, placed in the trainer's shardings."""
     import jax.numpy as jnp
 
-    shardings = state_shardings(model_cfg, tx, mesh)
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
     params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)

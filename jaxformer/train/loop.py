@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +22,18 @@ from jaxformer.errors import UserError
 from jaxformer.inference.sampling import Generator, SamplingParams
 from jaxformer.inference.seq2seq import GreedyDecoder
 from jaxformer.objectives.tasks import Task, build_task
-from jaxformer.parallel.mesh import check_batch_layout, make_mesh
-from jaxformer.parallel.sharding import batch_sharding, replicated
 from jaxformer.train import rundir
 from jaxformer.train.checkpoint import Checkpointer
 from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
 from jaxformer.train.init_from import load_params, state_from_params
-from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.reporting import Reporter, format_metrics
-from jaxformer.train.state import abstract_model, abstract_train_state, create_train_state
-from jaxformer.train.step import make_eval_step, make_train_step, uses_dropout
+from jaxformer.train.runtime import build_runtime, format_memory
+from jaxformer.train.state import looped
+
+# Set to a step number, the process exits hard (no clean-up) right after that step, once any
+# checkpoint save in flight is durable: a reproducible stand-in for a killed job.
+CRASH_ENV = "JAXFORMER_CRASH_AFTER_STEP"
+CRASH_EXIT_CODE = 75
 
 
 @dataclasses.dataclass
@@ -62,19 +65,17 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     saved = rundir.read_config(run_dir)
     if saved is not None:
         rundir.check_compatible(saved, cfg, run_dir, allow_config_change)
-    mesh = make_mesh(cfg.mesh, devices)
-    check_batch_layout(cfg, mesh.shape["data"])
+    rt = build_runtime(cfg, devices)
+    mesh = rt.mesh
+    lead = jax.process_index() == 0  # only the first process logs, prints and writes files
+    if not lead:
+        echo, progress = (lambda _: None), False
 
     # Everything that can fail on user input happens before the run dir is touched.
     task = build_data(cfg, run_dir, echo)
     if task.tokenizer is not None and task.tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {task.tokenizer.get_vocab_size()} tokens but "
                         f"model.vocab_size is {cfg.model.vocab_size}")
-    tx = make_optimizer(cfg.train, cfg.model.d_model)
-    schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
-    graphdef, _ = abstract_model(cfg.model)
-    target = abstract_train_state(cfg.model, tx, mesh)
-    state_sharding = jax.tree.map(lambda s: s.sharding, target)
     has_checkpoint = Checkpointer.exists(run_dir / rundir.CHECKPOINT_DIR)
     init_params, init_note = (load_params(cfg.train.init_from, cfg.model, cfg.train.seed)
                               if cfg.train.init_from and not has_checkpoint else (None, ""))
@@ -82,16 +83,17 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
     if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(target)
+        state, _ = ckpt.restore(rt.abstract_state())
         echo(f"resumed {run_dir} from step {int(state.step)}")
     elif init_params is not None:
-        state = state_from_params(init_params, cfg.model, tx, mesh)
+        state = state_from_params(init_params, cfg.model, rt.tx, mesh, rt.rules)
         echo(f"initialized from {cfg.train.init_from}: {init_note}")
     else:
-        state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
-    rundir.write_config(run_dir, cfg)
-    if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
-        save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
+        state = rt.init_state()
+    if lead:
+        rundir.write_config(run_dir, cfg)
+        if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
+            save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
 
     n_params = count_params(state.params)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -100,31 +102,36 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     unit = "accuracy" if task.baseline_name == "majority class" else "nats/token"
     baseline_note = ("" if math.isnan(baseline) else
                      f" ({task.baseline_name} baseline {baseline:.3f})")
+    mesh_note = ", ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
     echo(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (6N + 6LTNH); "
-         f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; objective "
+         f"mesh {mesh_note} ({cfg.mesh.preset}) over {jax.process_count()} process(es) on "
+         f"{jax.devices()[0].platform}; objective "
          f"{cfg.objective.kind}{baseline_note.replace(')', f' {unit})')}")
 
-    b_sharding = batch_sharding(mesh)
-    rep = replicated(mesh)
-    train_step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, state_sharding,
-                                 b_sharding, rep, dropout=uses_dropout(cfg.model),
-                                 seed=cfg.train.seed,
-                                 label_smoothing=cfg.objective.label_smoothing,
-                                 z_loss=cfg.objective.z_loss)
-    eval_step = make_eval_step(graphdef, state_sharding.params, b_sharding, rep)
-    reporter = Reporter(run_dir, echo)
+    share, n_shares = rt.batch_share()
+
+    def train_batch(step: int) -> dict[str, jax.Array]:
+        host = task.train_batch(step, cfg.train.batch_size, cfg.train.seed, share, n_shares)
+        return rt.put_batch(host, local=n_shares > 1)
+
+    # Compile once ahead of time: the same executable reports its memory and then trains.
+    train_step = rt.train_step.lower(state, train_batch(int(state.step))).compile()
+    echo(format_memory(rt.memory_report(state, train_step)))
+    eval_step = rt.eval_step
+    reporter = Reporter(run_dir, echo, enabled=lead)
     meta = {"config": rundir.config_lib.to_dict(cfg), "n_devices": mesh.size}
 
     def evaluate(params: Any) -> dict[str, float]:
         sums = np.zeros(3)
         for batch in task.val_batches(cfg.train.batch_size, cfg.eval.batches or None):
-            out = eval_step(params, jax.device_put(batch, b_sharding))
+            out = eval_step(params, rt.put_batch(batch))
             sums += [float(out["nll_sum"]), float(out["weight_sum"]), float(out["correct_sum"])]
         loss = sums[0] / max(sums[1], 1.0)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                   "accuracy": sums[2] / max(sums[1], 1.0)}
         if task.translation is not None:
-            result["exact_match"] = translation_exact_match(task.translation, graphdef, params,
+            _, view, view_params = looped(cfg.model, host_params(params))
+            result["exact_match"] = translation_exact_match(task.translation, view, view_params,
                                                             cfg.eval.batches or 16,
                                                             cfg.train.batch_size)
         return result
@@ -141,11 +148,10 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     say = bar.write if progress else echo  # tqdm.write keeps the bar below the lines
     last_time, last_step = time.perf_counter(), start
     step = start
+    crash_after = int(os.environ.get(CRASH_ENV, "0"))
     try:
         for step in range(start + 1, end + 1):
-            host_batch = task.train_batch(step - 1, cfg.train.batch_size, cfg.train.seed)
-            batch = jax.device_put(host_batch, b_sharding)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, train_batch(step - 1))
             pending.append((step, metrics))
             bar.update(1)
             if step % cfg.log.every == 0 or step == end:
@@ -181,6 +187,9 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                     f"{baseline_note}")
             if step % cfg.checkpoint.every == 0 or step == end:
                 ckpt.save(state, meta)
+            if step == crash_after:  # fault injection for tests of resuming (see docs)
+                ckpt.wait()
+                os._exit(CRASH_EXIT_CODE)
     except KeyboardInterrupt:
         bar.close()
         ckpt.save(state, meta)
@@ -193,17 +202,29 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
 
     samples: list[str] = []
     if step == cfg.train.steps and cfg.sample.prompts and cfg.objective.kind == "causal":
-        samples = generate_samples(cfg, graphdef, state.params, task.pipeline)
+        _, view, view_params = looped(cfg.model, host_params(state.params))
+        samples = generate_samples(cfg, view, view_params, task.pipeline) if lead else []
+    if samples:
         text = "\n\n".join(f"--- prompt {p!r}\n{p}{s}" for p, s in
                            zip(cfg.sample.prompts, samples, strict=True))
         (run_dir / "samples.txt").write_text(text + "\n")
         reporter.text(step, "samples", text)
         echo(f"samples (temperature {cfg.sample.temperature}, top-k {cfg.sample.top_k}, "
              f"top-p {cfg.sample.top_p}):\n{text}")
+    reporter.final_hparams(cfg, eval_metrics, losses)
     reporter.close()
     return TrainResult(run_dir=run_dir, start_step=start, final_step=step, losses=losses,
                        evals=evals, unigram_baseline=baseline, samples=samples,
                        eval_metrics=eval_metrics)
+
+
+def host_params(params: Any) -> Any:
+    """The full parameters as host arrays on every process (a collective with several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def translation_exact_match(task: SyntheticTranslation, graphdef: Any, params: Any,
@@ -221,7 +242,7 @@ def translation_exact_match(task: SyntheticTranslation, graphdef: Any, params: A
 
 
 def generate_samples(cfg: Config, graphdef: Any, params: Any, data: DataPipeline) -> list[str]:
-    generator = Generator(graphdef, jax.device_get(params), cfg.model.max_len)
+    generator = Generator(graphdef, params, cfg.model.max_len)
     sampling = SamplingParams(cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p)
     out = []
     for i, prompt in enumerate(cfg.sample.prompts):

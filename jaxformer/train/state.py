@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -13,7 +14,8 @@ from jax.sharding import Mesh
 
 from jaxformer.config import ModelConfig
 from jaxformer.models import build_model
-from jaxformer.parallel.sharding import param_shardings, replicated
+from jaxformer.models.layer_stack import unstack_params
+from jaxformer.parallel.sharding import PRESET_RULES, Rules, param_shardings, replicated
 
 
 @flax.struct.dataclass
@@ -29,19 +31,29 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
+def looped(cfg: ModelConfig, params: dict[str, Any]
+           ) -> tuple[ModelConfig, nnx.GraphDef, dict[str, Any]]:
+    """The model with its blocks as a Python list (what KV-cache decoding, export and analysis
+    use), whatever layout ``params`` were trained in -> (config, graphdef, params)."""
+    if cfg.scan_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+        params = unstack_params(params)
+    return cfg, abstract_model(cfg)[0], params
+
+
 def init_params(cfg: ModelConfig, seed: int) -> dict[str, Any]:
     """Freshly initialized parameters as a pure dict."""
     return nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(seed))))
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> TrainState:
-    """A TrainState-shaped tree of NamedShardings.
+                    mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """A TrainState-shaped tree of NamedShardings (``rules`` default: data parallel).
 
     Optimizer moments mirror their parameter's sharding; scalars (counts) are replicated.
     """
     _, abstract = abstract_model(cfg)
-    p_shard = param_shardings(abstract, mesh)
+    p_shard = param_shardings(abstract, mesh, PRESET_RULES["data"] if rules is None else rules)
     opt_shapes = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract))
     opt_shard = optax.tree_map_params(
         tx, lambda _, sharding: sharding, opt_shapes, p_shard,
@@ -51,9 +63,11 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
 
 
 def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                       mesh: Mesh) -> TrainState:
-    """Initializes parameters and optimizer state directly into their shardings."""
-    shardings = state_shardings(cfg, tx, mesh)
+                       mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """Initializes parameters and optimizer state directly into their shardings: the jitted
+    init's ``out_shardings`` make each device compute only its own shards, so no device ever
+    holds the full model."""
+    shardings = state_shardings(cfg, tx, mesh, rules)
 
     def init() -> TrainState:
         params = init_params(cfg, seed)
@@ -63,9 +77,10 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed:
 
 
 def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation,
-                         mesh: Mesh) -> TrainState:
-    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-    shardings = state_shardings(cfg, tx, mesh)
+                         mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target for checkpoints (orbax reshards a
+    checkpoint written on any mesh onto these shardings)."""
+    shardings = state_shardings(cfg, tx, mesh, rules)
 
     def init() -> TrainState:
         params = init_params(cfg, 0)

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
+from jaxformer.nn.moe_stats import collect_moe_stats
 from jaxformer.objectives.forward import objective_logits
 from jaxformer.objectives.loss import cross_entropy_sums
+from jaxformer.parallel.sharding import Rules, activation_sharding
 from jaxformer.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -26,12 +28,28 @@ Metrics = dict[str, jax.Array]
 
 
 def make_loss_sums(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0) -> Callable[..., Metrics]:
+                   z_loss: float = 0.0, moe: tuple[float, float] | None = None
+                   ) -> Callable[..., Metrics]:
+    """``loss_sums(params, batch, dropout_rng)`` -> weighted sums (see cross_entropy_sums).
+
+    With ``moe = (a, b)`` the objective adds ``a * load_balance + b * router_z`` (means over
+    the MoE layers), weighted by the batch's target count so that the final division by the
+    global count leaves them as plain means; the router statistics come back as ``moe_*``.
+    """
     def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
         model = nnx.merge(graphdef, params)
-        logits = objective_logits(model, batch, dropout_rng)
-        return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
+        forward = nnx.capture(lambda m: objective_logits(m, batch, dropout_rng),
+                              nnx.Intermediate)
+        logits, intermediates = forward(model)
+        sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
                                   label_smoothing=label_smoothing, z_loss=z_loss)
+        if moe is not None:
+            stats = collect_moe_stats(intermediates)
+            w = sums["weight_sum"]
+            sums["loss_sum"] = sums["loss_sum"] + w * (moe[0] * stats["load_balance_loss"]
+                                                       + moe[1] * stats["router_z_loss"])
+            sums.update({f"moe_{k}_sum": w * v for k, v in stats.items()})
+        return sums
 
     return loss_sums
 
@@ -50,13 +68,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, state_sharding: TrainState,
                     batch_sharding: NamedSharding, metrics_sharding: NamedSharding,
                     dropout: bool = False, seed: int = 0, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0
+                    z_loss: float = 0.0, mesh: Mesh | None = None, rules: Rules | None = None,
+                    moe: tuple[float, float] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
     and the incoming state donated (updated in place). With ``dropout`` the model gets a key
     derived from (seed, step, micro-batch); label smoothing and z-loss shape the objective
-    (``loss``), while ``nll`` stays the plain negative log-likelihood."""
-    loss_sums = make_loss_sums(graphdef, label_smoothing, z_loss)
+    (``loss``), while ``nll`` stays the plain negative log-likelihood. With ``mesh`` and
+    ``rules`` the model's activation constraints pin activations to the mesh; ``moe`` adds
+    the router losses (see make_loss_sums)."""
+    loss_sums = make_loss_sums(graphdef, label_smoothing, z_loss, moe)
 
     def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         def objective(p):
@@ -95,7 +116,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = dropout_key(seed, state.step) if dropout else None
-        grads, sums = accumulate(state.params, batch, rng)
+        with _constraints(mesh, rules):
+            grads, sums = accumulate(state.params, batch, rng)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,6 +132,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
         }
+        metrics.update({k[:-len("_sum")]: v / n for k, v in sums.items()
+                        if k.startswith("moe_")})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -118,7 +142,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, params_sharding: Any, batch_sharding: NamedSharding,
-                   metrics_sharding: NamedSharding) -> Callable[[Any, Batch], Metrics]:
-    """Builds ``eval_step(params, batch) -> {loss_sum, weight_sum, correct_sum}``."""
-    return jax.jit(make_loss_sums(graphdef), in_shardings=(params_sharding, batch_sharding),
+                   metrics_sharding: NamedSharding, mesh: Mesh | None = None,
+                   rules: Rules | None = None) -> Callable[[Any, Batch], Metrics]:
+    """Builds ``eval_step(params, batch) -> {loss_sum, weight_sum, correct_sum, ...}``."""
+    loss_sums = make_loss_sums(graphdef)
+
+    def eval_step(params: Any, batch: Batch) -> Metrics:
+        with _constraints(mesh, rules):
+            return loss_sums(params, batch)
+
+    return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding),
                    out_shardings=metrics_sharding)
+
+
+def _constraints(mesh: Mesh | None, rules: Rules | None):
+    """The activation-sharding context while the step is traced (nothing without a mesh)."""
+    import contextlib
+
+    if mesh is None or rules is None:
+        return contextlib.nullcontext()
+    return activation_sharding(mesh, rules)

@@ -7,11 +7,7 @@ import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer.config import Config
-from jaxformer.parallel.mesh import make_mesh
-from jaxformer.parallel.sharding import batch_sharding, replicated
-from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxformer.train.state import abstract_model, create_train_state
-from jaxformer.train.step import make_train_step, uses_dropout
+from jaxformer.train.runtime import build_runtime
 
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
         "model.max_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=20",
@@ -42,17 +38,8 @@ def random_batch(cfg: Config, seed: int, pad_tail: int = 3) -> dict[str, np.ndar
 
 def make_runner(cfg: Config, devices=None):
     """-> (state, step_fn, batch_sharding) on a mesh over ``devices`` (default: one)."""
-    mesh = make_mesh(cfg.mesh, devices if devices is not None else jax.devices()[:1])
-    tx = make_optimizer(cfg.train, cfg.model.d_model)
-    graphdef, _ = abstract_model(cfg.model)
-    state = create_train_state(cfg.model, tx, cfg.train.seed, mesh)
-    shard = jax.tree.map(lambda x: x.sharding, state)
-    b_sharding = batch_sharding(mesh)
-    schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
-    step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum, shard, b_sharding,
-                           replicated(mesh), dropout=uses_dropout(cfg.model),
-                           seed=cfg.train.seed)
-    return state, step, b_sharding
+    rt = build_runtime(cfg, devices if devices is not None else jax.devices()[:1])
+    return rt.init_state(), rt.train_step, rt.batch_sharding
 
 
 def run_steps(cfg: Config, n: int, devices=None, fixed_batch: bool = False
