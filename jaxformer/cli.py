@@ -1,4 +1,4 @@
-"""The ``jaxformer`` command: train | sample | bench | convert | plot.
+"""The ``jaxformer`` command: train | sample | bench | convert | plot | sweep | runs.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
 """
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from jaxformer.errors import UserError
+from jaxformer.sweep.commands import COMMANDS as SWEEP_COMMANDS
+from jaxformer.sweep.commands import add_parsers as add_sweep_parsers
 
 EXIT_USER_ERROR = 2
 
@@ -29,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="continue a run dir whose saved config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = p.add_argument_group(
+        "multi-process", "join a jax.distributed job (found automatically under SLURM and on "
+        "multi-host TPU slices)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int, metavar="N")
+    multi.add_argument("--process-id", type=int, metavar="I")
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run_dir", type=Path)
@@ -61,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     experiment_args(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p = sub.add_parser("attention", help="per-layer, per-head attention heat maps of a prompt")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--text", required=True, help="the prompt (encoder-decoder: the source)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the PNGs and npz")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--layers", nargs="+", metavar="I",
+                   help="layer indices, e.g. 0 -1 or 0,2 (default: all)")
+    p.add_argument("--target", help="encoder-decoder: decoder text (default: greedy output)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="encoder-decoder: length limit of the greedy output")
+    add_sweep_parsers(sub)
     return parser
 
 
@@ -82,11 +101,16 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from jaxformer.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
     from jaxformer.train.loop import train
 
     result = train(cfg, args.run_dir, allow_config_change=args.allow_config_change,
                    progress=not args.no_progress)
-    if result.evals:
+    import jax
+
+    if result.evals and jax.process_index() == 0:
         last = max(result.evals)
         print(f"done: step {result.final_step}, validation loss {result.evals[last]:.4f} "
               f"(unigram baseline {result.unigram_baseline:.4f}); run dir {result.run_dir}")
@@ -156,6 +180,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench,
             "convert": cmd_convert, "plot": cmd_plot}
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from jaxformer.analysis.attention_maps import write_attention_maps
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for arg in args.layers for x in arg.split(",") if x.strip()]
+        except ValueError as e:
+            raise UserError(f"--layers takes integers, e.g. 0 -1 or 0,2: {e}") from None
+    written = write_attention_maps(args.run_dir, args.text, args.out, step=args.step,
+                                   layers=layers, target=args.target,
+                                   max_new_tokens=args.max_new_tokens)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["attention"] = cmd_attention
+
+COMMANDS.update(SWEEP_COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tensorboardX
+import tensorboardX.summary
+
+from jaxformer.config import Config, to_dict
 
 
 class Reporter:
@@ -31,6 +34,26 @@ class Reporter:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def hparams(self, hparams: dict[str, float | int | str | bool],
+                metrics: dict[str, float]) -> None:
+        """Writes TensorBoard's hparams-plugin records into this run's own event file.
+
+        ``metrics`` maps scalar tags the run already logs (``eval/loss``...) to their final
+        values; the HPARAMS tab shows each tag's last logged value next to the hparams.
+        """
+        if self.writer is None:
+            return
+        for summary in tensorboardX.summary.hparams(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    def final_hparams(self, cfg: Config, eval_metrics: dict[int, dict[str, float]],
+                      losses: dict[int, float]) -> None:
+        """``hparams`` of the config with the last eval metrics and train loss of the run
+        (nothing when this invocation trained nothing: the earlier event file has them)."""
+        if not eval_metrics and not losses:
+            return
+        self.hparams(flat_hparams(cfg), final_metrics(eval_metrics, losses))
+
     def line(self, text: str) -> None:
         self.echo(text)
 
@@ -41,6 +64,39 @@ class Reporter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+# Scalar tags the hparams view compares runs by (the eval ones only where the run evaluated).
+HPARAM_METRICS = ("eval/loss", "eval/accuracy", "eval/perplexity", "train/loss")
+
+
+def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
+    """Every scalar config leaf under its dotted key (``train.lr``); tuples become strings."""
+    def walk(value: object, prefix: str) -> dict[str, float | int | str | bool]:
+        if isinstance(value, dict):
+            out: dict[str, float | int | str | bool] = {}
+            for k, v in value.items():
+                out.update(walk(v, f"{prefix}{k}."))
+            return out
+        key = prefix[:-1]
+        if isinstance(value, bool | int | float | str):
+            return {key: value}
+        return {key: str(tuple(value) if isinstance(value, list) else value)}
+
+    return walk(to_dict(cfg), "")
+
+
+def final_metrics(eval_metrics: dict[int, dict[str, float]],
+                  losses: dict[int, float]) -> dict[str, float]:
+    """{tag: final value} of ``HPARAM_METRICS``: the last eval's metrics and train loss."""
+    values: dict[str, float] = {}
+    if eval_metrics:
+        last = eval_metrics[max(eval_metrics)]
+        values.update({f"eval/{k}": float(last[k]) for k in ("loss", "accuracy", "perplexity")
+                       if k in last})
+    if losses:
+        values["train/loss"] = float(losses[max(losses)])
+    return {tag: values[tag] for tag in HPARAM_METRICS if tag in values}
 
 
 def format_metrics(values: dict[str, float]) -> str:

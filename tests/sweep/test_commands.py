@@ -1,0 +1,150 @@
+"""``jaxformer sweep`` / ``jaxformer runs`` without training: errors, --dry-run, --emit, the
+runs table of run dirs in every state, and how parallel points split the machine."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from jaxformer import config as config_lib
+from jaxformer.cli import main
+from jaxformer.config import Config
+from jaxformer.sweep.runner import ATTEMPT_MARK, EXIT_MARK, slot_env
+from jaxformer.sweep.table import collect_runs, format_markdown, format_text
+from jaxformer.train import rundir
+from tests.sweep.helpers import write_experiment
+
+THREE = 'grid(**{"train.lr": [0.001, 0.003, 0.01]})'
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("sweep, sets, needles", [
+    ('[{"train.lrr": 0.1}]', [], ["unknown config key 'train.lrr'", "did you mean 'train.lr'"]),
+    ("[]", [], ["empty"]),
+    ('{"train.lr": 0.1}', [], ["sweep() returned dict"]),
+    ("None", [], ["sweep() returned NoneType"]),
+    (THREE, ["--set", "train.lr=0.5"], ["conflicting overrides", "train.lr"]),
+    ('[{"train.steps": "ten"}]', [], ["train.steps", "'ten'"]),
+    ('[{"train.lr": 0.1}, {"train.lr": 0.1}]', [], ["duplicates"]),
+    (THREE, ["--set", "train.stepz=3"], ["unknown config key 'train.stepz'"]),
+])
+def test_bad_sweep_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, sweep, sets,
+                                                          needles):
+    path = write_experiment(tmp_path / "exp.py", sweep)
+    sweep_dir = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "sweep", str(path), *sets, "--sweep-dir", str(sweep_dir))
+    assert_one_line_error(code, err, *needles)
+    assert not sweep_dir.exists()
+
+
+def test_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    sweep_dir = tmp_path / "sweep"
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--sweep-dir", str(sweep_dir),
+                           "--dry-run")
+    assert code == 0
+    for name, lr in (("lr=0.001", "0.001"), ("lr=0.003", "0.003"), ("lr=0.01", "0.01")):
+        assert str(sweep_dir / name) in out and f"train.lr={lr}" in out
+    assert out.count("not started") == 3
+    assert not sweep_dir.exists()
+
+
+def test_default_sweep_dir_is_runs_name_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--dry-run")
+    assert code == 0 and "runs/tiny_sweep/lr=0.001" in out
+
+
+def test_emit_slurm_is_a_job_array_with_one_task_per_point(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    sweep_dir = tmp_path / "sweep"
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--set", "train.steps=3", "--sweep-dir",
+                           str(sweep_dir), "--emit", "slurm")
+    assert code == 0 and "sbatch" in out
+    script = sweep_dir / "sweep.slurm"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --array=0-2" in text and "$SLURM_ARRAY_TASK_ID" in text
+    assert text.count("srun jaxformer train") == 3
+    for i, lr in enumerate(("0.001", "0.003", "0.01")):
+        assert f"  {i})" in text
+        assert f"--set train.steps=3 --set train.lr={lr} --run-dir {sweep_dir}/lr={lr}" in text
+    assert (sweep_dir / "sweep.json").is_file()
+    assert not any(p.is_dir() for p in sweep_dir.iterdir())  # nothing trained
+
+
+def test_emit_tpu_runs_points_in_turn_on_all_workers(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    sweep_dir = tmp_path / "sweep"
+    code, _, _ = run_cli(capsys, "sweep", str(path), "--sweep-dir", str(sweep_dir),
+                         "--emit", "tpu")
+    assert code == 0
+    script = sweep_dir / "sweep_tpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "gcloud compute tpus tpu-vm ssh" in text and "--worker=all" in text
+    assert text.count("\nrun_point 'jaxformer train") == 3
+
+
+def fake_run(directory, cfg: Config, checkpoint_steps=(), log: str | None = None):
+    directory.mkdir(parents=True)
+    rundir.write_config(directory, cfg)
+    for step in checkpoint_steps:
+        (directory / rundir.CHECKPOINT_DIR / str(step)).mkdir(parents=True)
+    if log is not None:
+        (directory / "train.log").write_text(log)
+
+
+def test_runs_table_states_without_a_sweep_file(tmp_path, capsys):
+    base = config_lib.apply_overrides(Config(), ["train.steps=4"])
+    fake_run(tmp_path / "done", config_lib.apply_overrides(base, ["train.lr=0.1"]), [2, 4])
+    fake_run(tmp_path / "crashed", config_lib.apply_overrides(base, ["train.lr=0.2"]), [2],
+             log=f"{ATTEMPT_MARK} x\nstep 2\nerror: out of memory\n{EXIT_MARK} 2\n")
+    fake_run(tmp_path / "resumed_ok", config_lib.apply_overrides(base, ["train.lr=0.3"]), [2],
+             log=f"{ATTEMPT_MARK} x\nerror: boom\n{EXIT_MARK} 2\n{ATTEMPT_MARK} y\nstep 2\n")
+    fake_run(tmp_path / "new", config_lib.apply_overrides(base, ["train.lr=0.4"]))
+    rows = {r.run: r for r in collect_runs(tmp_path)}
+    assert rows["done"].status == "finished" and rows["done"].steps == 4
+    assert rows["crashed"].status == "failed"
+    assert rows["resumed_ok"].status == "partial 2/4"  # only the last attempt counts
+    assert rows["new"].status == "not started" and rows["new"].steps == 0
+    assert rows["done"].overrides == "train.lr=0.1"  # the keys that differ between runs
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path))
+    assert code == 0 and "partial 2/4" in out
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 5
+    assert format_markdown(list(rows.values())).count("\n") == 6
+    assert len({len(line) for line in format_text(list(rows.values())).splitlines()}) >= 1
+
+
+def test_runs_of_a_directory_without_runs(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "runs", str(tmp_path))
+    assert_one_line_error(code, err, "no run dirs")
+
+
+def test_parallel_points_split_gpus_round_robin_or_cpu_threads():
+    env = slot_env(1, 2, [], 8, base={"XLA_FLAGS": "--foo"})
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=1"
+    gpus = ["0", "1", "2", "3"]
+    assert slot_env(0, 2, gpus, 8, base={})["CUDA_VISIBLE_DEVICES"] == "0,2"
+    assert slot_env(1, 2, gpus, 8, base={})["CUDA_VISIBLE_DEVICES"] == "1,3"
+    shared = slot_env(1, 2, ["0"], 8, base={})
+    assert shared["CUDA_VISIBLE_DEVICES"] == "0"
+    assert shared["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
+    alone = slot_env(0, 1, gpus, 8, base={"A": "b"})
+    assert "CUDA_VISIBLE_DEVICES" not in alone and alone["A"] == "b"
