@@ -87,6 +87,7 @@ class ModelConfig:
     n_shared_experts: int = 0  # DeepSeekMoE always-on experts
     moe_d_ff: int = 0
     moe_every: int = 1
+    moe_group_size: int = 256  # tokens per routing group (capacity is per group)
     router_aux_loss: float = 0.01  # load-balancing loss coefficient (Switch: 0.01)
     router_z_loss: float = 0.001  # router z-loss coefficient (ST-MoE: 0.001)
 
@@ -367,7 +368,7 @@ _CHOICES = {
 _POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
              "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
              "train.grad_accum", "checkpoint.every", "checkpoint.keep", "log.every", "eval.every",
-             "model.moe_every")
+             "model.moe_every", "model.moe_group_size")
 
 
 def get_key(cfg: Config, key: str) -> Any:
@@ -427,6 +428,9 @@ def validate(cfg: Config) -> Config:
     if m.n_experts and not 1 <= m.experts_top_k <= m.n_experts:
         raise ConfigError(f"model.experts_top_k={m.experts_top_k} must be between 1 and "
                           f"model.n_experts={m.n_experts}")
+    if m.n_experts and m.scan_layers and m.moe_every != 1:
+        raise ConfigError("model.scan_layers=true repeats one block: it needs every block alike "
+                          f"(model.moe_every=1), got model.moe_every={m.moe_every}")
     validate_mesh(cfg.mesh)
     validate_objective(cfg)
     if cfg.data.seq_len > m.max_len:

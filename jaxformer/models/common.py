@@ -215,7 +215,8 @@ class TransformerBlock(nnx.Module):
             self.mlp = MoEFeedForward(
                 cfg.d_model, cfg.moe_d_ff or cfg.ff_width, n_experts=cfg.n_experts,
                 top_k=cfg.experts_top_k, capacity_factor=cfg.capacity_factor,
-                n_shared_experts=cfg.n_shared_experts, activation=cfg.activation,
+                n_shared_experts=cfg.n_shared_experts, group_size=cfg.moe_group_size,
+                activation=cfg.activation,
                 init_std=cfg.init_std, out_std=residual_out_std(cfg), dtype=dtype,
                 param_dtype=pdtype, rngs=rngs)
         else:

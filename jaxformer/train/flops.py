@@ -13,6 +13,10 @@ FLOPs per trained token (PaLM appendix B convention, causal attention halved):
 * ``6·L·T·N·H``: per layer and token, the forward QKᵀ and AV products cost 2·T·N·H each
   (4·T·N·H); training triples it; causal masking halves the useful part (6·T·N·H).
 
+* Mixture of experts: an MoE block's MLP term counts the weights a token passes through,
+  (top_k + shared experts) · 2·D·F_expert (3· gated) plus the D·E router, not all E experts.
+  The dispatch/combine einsums of the capacity path are overhead, not model FLOPs.
+
 MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used.
 
 The formula is the decoder-only one. For encoder and encoder-decoder models (tokens counted on
@@ -55,8 +59,17 @@ def matmul_params(cfg: ModelConfig) -> int:
     (GQA shrinks the key/value projections; a gated MLP has three matrices)."""
     d, f, h = cfg.d_model, cfg.ff_width, cfg.head_size
     attn = d * h * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    mlp = (3 if cfg.activation in GATED_ACTIVATIONS else 2) * d * f
-    return cfg.n_layers * (attn + mlp) + cfg.vocab_size * d
+    per_ff = 3 if cfg.activation in GATED_ACTIVATIONS else 2
+    mlp = per_ff * d * f
+    total = cfg.n_layers * (attn + mlp) + cfg.vocab_size * d
+    if cfg.n_experts:
+        # An MoE block multiplies each token by its top-k experts, the shared experts and
+        # the router, not by all experts: N counts the active weights only.
+        n_moe = sum(1 for i in range(cfg.n_layers) if (i + 1) % cfg.moe_every == 0)
+        expert = per_ff * d * (cfg.moe_d_ff or f)
+        active = (cfg.experts_top_k + cfg.n_shared_experts) * expert + d * cfg.n_experts
+        total += n_moe * (active - mlp)
+    return total
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -172,6 +172,10 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                 if cfg.objective.label_smoothing or cfg.objective.z_loss:
                     values["nll"] = float(np.mean([f[1]["nll"] for f in fetched]))
                     values["z_loss"] = float(np.mean([f[1]["z_loss"] for f in fetched]))
+                if cfg.model.n_experts:
+                    load = np.mean([f[1]["moe_expert_load"] for f in fetched], axis=0)
+                    values.update(moe_values(fetched, load))
+                    reporter.expert_load(step, load)
                 reporter.scalars(step, values, "train")
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 say(f"step {step:>6} | {format_metrics(values)}")
@@ -216,6 +220,19 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     return TrainResult(run_dir=run_dir, start_step=start, final_step=step, losses=losses,
                        evals=evals, unigram_baseline=baseline, samples=samples,
                        eval_metrics=eval_metrics)
+
+
+def moe_values(fetched: list[tuple[int, dict[str, Any]]], load: np.ndarray
+               ) -> dict[str, float]:
+    """Router statistics of the log interval: the auxiliary losses, the share of expert
+    choices dropped by capacity, and the busiest expert's load relative to a balanced one."""
+    def mean(key: str) -> float:
+        return float(np.mean([f[1][key] for f in fetched]))
+
+    return {"moe_balance_loss": mean("moe_load_balance_loss"),
+            "moe_z_loss": mean("moe_router_z_loss"),
+            "moe_dropped": mean("moe_dropped_fraction"),
+            "moe_max_load": float(load.max() * len(load))}
 
 
 def host_params(params: Any) -> Any:

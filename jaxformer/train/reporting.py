@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tensorboardX
 import tensorboardX.summary
 
@@ -29,6 +30,18 @@ class Reporter:
             return
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def expert_load(self, step: int, load: Sequence[float]) -> None:
+        """The share of routed tokens per expert as a TensorBoard histogram (one bar per
+        expert: bucket e holds expert e's share; a balanced router gives a flat profile)."""
+        if self.writer is None:
+            return
+        idx = np.arange(len(load), dtype=np.float64)
+        load = np.asarray(load, np.float64)
+        self.writer.add_histogram_raw(
+            "train/moe_expert_load", min=0.0, max=float(len(load) - 1), num=float(load.sum()),
+            sum=float((idx * load).sum()), sum_squares=float((idx ** 2 * load).sum()),
+            bucket_limits=(idx + 0.5).tolist(), bucket_counts=load.tolist(), global_step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.writer is not None:

@@ -17,8 +17,9 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 
-# Keys that may change between invocations on one run dir without changing what is trained.
-FREE_KEYS = ("log.", "eval.", "checkpoint.", "sample.", "data.cache_dir")
+# Keys that may change between invocations on one run dir without changing what is trained
+# (the mesh too: a checkpoint restores onto any mesh, and the batch is a function of the step).
+FREE_KEYS = ("log.", "eval.", "checkpoint.", "sample.", "data.cache_dir", "mesh.")
 
 
 def read_config(run_dir: Path) -> Config | None:

@@ -93,7 +93,8 @@ class Runtime:
         compiled step's arguments, outputs and temporaries (XLA's memory analysis of
         ``compiled``, e.g. ``train_step.lower(state, batch).compile()``); plus the share of
         parameter bytes that every device holds in full (replicated)."""
-        report = {"params_bytes": per_device_bytes(state.params),
+        report = {"devices": float(self.mesh.size),
+                  "params_bytes": per_device_bytes(state.params),
                   "opt_state_bytes": per_device_bytes(state.opt_state),
                   "replicated_param_fraction": replicated_fraction(state.params)}
         stats = compiled.memory_analysis()
@@ -166,5 +167,6 @@ def format_memory(report: dict[str, float]) -> str:
              f"optimizer {report['opt_state_bytes'] / mib:.1f} MiB"]
     if "temp_bytes" in report:
         parts.append(f"step temporaries {report['temp_bytes'] / mib:.1f} MiB")
-    parts.append(f"replicated params {100 * report['replicated_param_fraction']:.1f}%")
+    if report.get("devices", 1) > 1:
+        parts.append(f"replicated params {100 * report['replicated_param_fraction']:.1f}%")
     return "memory per device: " + ", ".join(parts)

@@ -1,0 +1,146 @@
+"""A real multi-process job on this machine: 2 processes x 2 fake CPU devices joined by
+jax.distributed (gloo), launched through scripts/launch_local.py with the FSDP preset.
+
+The job is killed after step 5 (``JAXFORMER_CRASH_AFTER_STEP``), relaunched, resumes from the
+step-4 checkpoint and finishes; its per-step train losses and final eval loss equal those of one
+process driving the same 4-device mesh, and only process 0 wrote anything into the run dir.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxformer.analysis.events import read_scalars
+from tests.corpus import write_corpus
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = str(ROOT / "experiments" / "gpt_tiny.py")
+STEPS = 8
+CRASH_AFTER = 5
+TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=300",
+        "model.max_len=32", "data.seq_len=32", "train.batch_size=8", f"train.steps={STEPS}",
+        "train.warmup_steps=1", "log.every=1", "eval.every=4", "eval.batches=2",
+        "checkpoint.every=4", "mesh.preset=fsdp", "sample.prompts=[]"]
+REL = 1e-5  # fp32: the same program, partitioned over processes instead of one
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAXFORMER_CRASH_AFTER_STEP")}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
+
+
+def _train_args(corpus: Path, run_dir: Path) -> list[str]:
+    sets = [a for kv in [*TINY, f"data.source={corpus}"] for a in ("--set", kv)]
+    return [sys.executable, "-m", "jaxformer.cli", "train", EXPERIMENT, "--run-dir",
+            str(run_dir), "--no-progress", *sets]
+
+
+def _launch(corpus: Path, run_dir: Path, log_dir: Path, **env: str
+            ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2",
+           "--devices-per-process", "2", "--log-dir", str(log_dir), "--",
+           *_train_args(corpus, run_dir)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _event_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    corpus = write_corpus(tmp / "corpus", n_docs=40)
+    run = tmp / "multi"
+    out: dict = {"run": run, "tmp": tmp}
+
+    crashed = _launch(corpus, run, tmp / "logs_1", JAXFORMER_CRASH_AFTER_STEP=str(CRASH_AFTER))
+    out["crashed"] = crashed
+    out["crashed_files"] = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
+    out["crashed_events"] = _event_files(run)
+    out["crashed_checkpoints"] = (sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                                         if p.name.isdigit())
+                                  if (run / "checkpoints").is_dir() else [])
+
+    resumed = _launch(corpus, run, tmp / "logs_2")
+    out["resumed"] = resumed
+    out["resumed_events"] = _event_files(run)
+
+    single = subprocess.run(
+        _train_args(corpus, tmp / "single"), cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    out["single"] = single
+    out["multi_scalars"] = read_scalars(run) if out["resumed_events"] else {}
+    out["single_scalars"] = read_scalars(tmp / "single")
+    print("multi-process:", {k: v for k, v in out["multi_scalars"].items()
+                             if k in ("train/loss", "eval/loss")})
+    print("single process:", {k: v for k, v in out["single_scalars"].items()
+                              if k in ("train/loss", "eval/loss")})
+    return out
+
+
+def test_crash_exits_75_after_saving_step_4(runs):
+    crashed = runs["crashed"]
+    assert crashed.returncode == 75, (crashed.returncode, crashed.stderr[-3000:])
+    assert "launch_local: exit status 75" in crashed.stderr
+    assert runs["crashed_checkpoints"] == [4], runs["crashed_checkpoints"]
+    assert f"step {CRASH_AFTER:>6} |" in crashed.stdout  # process 0 got through step 5
+    assert f"step {CRASH_AFTER + 1:>6} |" not in crashed.stdout
+    # Process 1 was alive until the end too: it joined the mesh and left with status 75.
+    log_1 = (runs["tmp"] / "logs_1" / "process_1.log").read_text()
+    assert "Traceback" not in log_1, log_1[-3000:]
+
+
+def test_relaunch_resumes_from_step_4_and_finishes(runs):
+    resumed = runs["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {runs['run']} from step 4" in resumed.stdout
+    assert f"done: step {STEPS}" in resumed.stdout
+    assert "over 2 process(es)" in resumed.stdout and "mesh fsdp=4" in resumed.stdout
+    ckpts = sorted(int(p.name) for p in (runs["run"] / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert ckpts[-1] == STEPS
+
+
+def test_only_process_0_writes(runs):
+    # One event file per invocation (process 1's Reporter is disabled), config and tokenizer
+    # written once, and process 1 printed no training lines.
+    assert len(runs["crashed_events"]) == 1, runs["crashed_files"]
+    assert len(runs["resumed_events"]) == 2, runs["resumed_events"]
+    names = sorted(p.name for p in runs["run"].iterdir())
+    assert [n for n in names if not n.startswith("events.out.tfevents.")] == [
+        "checkpoints", "config.json", "tokenizer.json"], names
+    for log_dir in ("logs_1", "logs_2"):
+        log = (runs["tmp"] / log_dir / "process_1.log").read_text()
+        assert "step " not in log and "resumed" not in log and "done:" not in log, log[-2000:]
+
+
+def test_train_losses_match_one_process_at_every_step(runs):
+    multi = dict(runs["multi_scalars"].get("train/loss", []))
+    single = dict(runs["single_scalars"]["train/loss"])
+    assert sorted(single) == list(range(1, STEPS + 1))
+    # Steps 1..5 come from the crashed invocation's event file (step 5 again from the
+    # relaunch, which replaces it), 5..8 from the relaunch's.
+    assert sorted(multi) == list(range(1, STEPS + 1)), (
+        f"multi-process event files hold train/loss of steps {sorted(multi)}; the crashed "
+        "invocation's steps are missing (its event file was not flushed before the exit)")
+    for s in range(1, STEPS + 1):
+        assert abs(multi[s] - single[s]) <= REL * abs(single[s]), (s, multi, single)
+    assert len(set(single.values())) == STEPS  # the steps change the parameters
+
+
+def test_final_eval_loss_matches_one_process(runs):
+    multi = dict(runs["multi_scalars"]["eval/loss"])
+    single = dict(runs["single_scalars"]["eval/loss"])
+    assert STEPS in multi and STEPS in single
+    assert abs(multi[STEPS] - single[STEPS]) <= REL * abs(single[STEPS]), (multi, single)
