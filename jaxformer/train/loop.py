@@ -193,6 +193,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                 ckpt.save(state, meta)
             if step == crash_after:  # fault injection for tests of resuming (see docs)
                 ckpt.wait()
+                reporter.flush()  # what a crash loses is what was never flushed
                 os._exit(CRASH_EXIT_CODE)
     except KeyboardInterrupt:
         bar.close()
