@@ -46,7 +46,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
                                 f"count={devices_per_process}").strip()
         args = [*command, "--coordinator", f"localhost:{port}",
                 "--num-processes", str(num_processes), "--process-id", str(i)]
-        out = None if i == 0 else open(log_dir / f"process_{i}.log", "w")  # noqa: SIM115
+        out = None if i == 0 else open(log_dir / f"process_{i}.log", "a")  # noqa: SIM115
         logs.append(out)
         procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT
                                       if out else None))
