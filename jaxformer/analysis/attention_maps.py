@@ -233,6 +233,7 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
     ``target``: an encoder-decoder's decoder text (None: its greedy output, at most
     ``max_new_tokens`` tokens). -> the paths written, PNGs first.
     """
+    from jaxformer.data.synthetic import SymbolTokenizer, is_synthetic
     from jaxformer.data.tokenizer import EOS, PAD, load_tokenizer
     from jaxformer.inference.restore import load_run
     from jaxformer.train import rundir
@@ -247,7 +248,8 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
     saved = rundir.read_config(run_dir)
     if saved is None:
         raise UserError(f"{run_dir} is not a jaxformer run dir (no {rundir.CONFIG_FILE})")
-    if not tok_path.is_file():
+    synthetic = is_synthetic(saved.data.source)  # fixed symbol vocabulary, no tokenizer file
+    if not tok_path.is_file() and not synthetic:
         raise UserError(f"{run_dir} has no {rundir.TOKENIZER_FILE}; attention maps label "
                         "tokens with the run's tokenizer")
     if target is not None and saved.model.arch != "encoder_decoder":
@@ -257,7 +259,7 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
         raise UserError(f"--out {out} is a file; give a directory")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = SymbolTokenizer(EOS, PAD) if synthetic else load_tokenizer(tok_path)
     cfg, params = load_run(run_dir, step)
     model_cfg = dataclasses.replace(cfg.model, attention="reference", attention_dropout=0.0,
                                     dropout=0.0)

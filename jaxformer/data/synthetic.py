@@ -114,3 +114,36 @@ class SyntheticTranslation:
         for k in range(n_batches):
             chunk = sources[k * batch_size:(k + 1) * batch_size]
             yield stack_examples([self.example(s) for s in chunk])
+
+
+@dataclasses.dataclass
+class _Encoding:
+    ids: list[int]
+
+
+class SymbolTokenizer:
+    """Text <-> ids of the synthetic tasks, for tools that take text (attention maps): the
+    text is source symbols as space-separated numbers in [0, ALPHABET), e.g. ``"3 1 4 1 5"``;
+    ids print as ``s3`` (source), ``t3`` (target), ``EOS``, ``PAD``. The special-token names
+    are the text pipeline's, so code written for a trained tokenizer works unchanged."""
+
+    def __init__(self, eos: str, pad: str):
+        self.specials = {eos: EOS_ID, pad: PAD_ID}
+
+    def encode(self, text: str) -> _Encoding:
+        try:
+            symbols = [int(s) for s in text.split()]
+        except ValueError:
+            raise DataError(f"synthetic-task text is space-separated symbol numbers in [0, "
+                            f"{ALPHABET}), got {text!r}") from None
+        if any(not 0 <= s < ALPHABET for s in symbols):
+            raise DataError(f"synthetic-task symbols must be in [0, {ALPHABET}), got {text!r}")
+        return _Encoding([2 + s for s in symbols])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        names = {EOS_ID: "EOS", PAD_ID: "PAD"}
+        return " ".join(names.get(i) or (f"s{i - 2}" if i < 2 + ALPHABET else
+                                         f"t{i - 2 - ALPHABET}") for i in ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.specials.get(token)

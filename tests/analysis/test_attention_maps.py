@@ -270,3 +270,33 @@ def test_bad_input_is_one_error_line_exit_2(args, needle, run_dirs, tmp_path, ca
 def test_figure_size_grows_with_heads_and_tokens():
     assert figure_pixels(2, 5, 5) == (2 * 360 + 120, 360 + 60)
     assert figure_pixels(6, 100, 100) == (4 * 1400 + 120, 2 * 1400 + 60)
+
+
+def test_synthetic_task_runs_are_labelled_with_their_symbols(tmp_path, capsys):
+    """A run on a synthetic task has no tokenizer file: its text is symbol numbers."""
+    import dataclasses
+
+    from jaxformer import config as config_lib
+    from jaxformer.data.synthetic import SymbolTokenizer
+    from jaxformer.data.tokenizer import EOS, PAD
+    from jaxformer.train.loop import train
+
+    tok = SymbolTokenizer(EOS, PAD)
+    assert tok.encode("3 0 23").ids == [5, 2, 25]
+    assert tok.decode([0, 1, 5, 2 + 24 + 7]) == "EOS PAD s3 t7"
+    cfg = dataclasses.replace(Config(), model=presets.transformer_2017(**TINY, vocab_size=64))
+    cfg = config_lib.apply_overrides(cfg, [
+        "objective.kind=seq2seq", "data.source=synthetic:reverse", "data.seq_len=24",
+        "train.steps=1", "train.batch_size=2", "train.warmup_steps=0", "eval.batches=1",
+        "sample.prompts=[]"])
+    train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
+    out = tmp_path / "maps"
+    assert cli.main(["attention", str(tmp_path / "run"), "--text", "3 1 4", "--out",
+                     str(out), "--layers", "-1", "--max-new-tokens", "3"]) == 0
+    data = np.load(out / "attention.npz")
+    assert list(data["enc_token_strings"]) == ["s3", "s1", "s4", "EOS"]
+    cross = data["cross_layer1"]
+    np.testing.assert_allclose(cross.sum(-1), 1.0, atol=1e-5)
+    assert cli.main(["attention", str(tmp_path / "run"), "--text", "3 x", "--out",
+                     str(out)]) == 2
+    assert "symbol numbers" in capsys.readouterr().err
