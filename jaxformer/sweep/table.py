@@ -149,9 +149,18 @@ def _cells(rows: list[RunRow]) -> list[list[str]]:
     return [[_cell(c, getattr(r, c)) for c in COLUMNS] for r in rows]
 
 
+CONSOLE_OVERRIDES_WIDTH = 60  # longer overrides are cut on the console (whole in CSV/markdown)
+
+
+def _clip(text: str, width: int = CONSOLE_OVERRIDES_WIDTH) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def format_text(rows: list[RunRow]) -> str:
-    """Aligned columns for the console (numbers right-aligned)."""
-    table = [list(COLUMNS), *_cells(rows)]
+    """Aligned columns for the console (numbers right-aligned; long overrides cut)."""
+    at = COLUMNS.index("overrides")
+    cells = [[_clip(c) if i == at else c for i, c in enumerate(r)] for r in _cells(rows)]
+    table = [list(COLUMNS), *cells]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     numeric = [c not in ("run", "overrides", "status") for c in COLUMNS]
     lines = []
