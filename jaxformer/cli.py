@@ -202,5 +202,15 @@ COMMANDS["attention"] = cmd_attention
 
 COMMANDS.update(SWEEP_COMMANDS)
 
-if __name__ == "__main__":
+
+def run() -> None:
+    """The ``jaxformer`` command: ``main`` in a process whose large allocations use
+    transparent huge pages (see ``jaxformer.hugepages``; ``JAXFORMER_HUGEPAGES=0`` opts out)."""
+    from jaxformer.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages([sys.executable, "-m", "jaxformer.cli", *sys.argv[1:]])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

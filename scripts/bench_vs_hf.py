@@ -312,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jax-timeout", type=float, default=3600.0, help="seconds")
     p.add_argument("--peak-repeats", type=int, default=10, help="torch.mm repeats for the peak")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="both sides with the default malloc (no glibc.malloc.hugetlb=1)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -400,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "jaxformer": jax_res,
         "jaxformer_error": jax_error,
         "skip_jax": args.skip_jax,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "ratio_tokens_per_sec_jax_over_hf": ratio,
     }
     line = json.dumps(summary, sort_keys=True)
@@ -411,4 +414,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "--no-hugepages" in sys.argv:
+        os.environ["JAXFORMER_HUGEPAGES"] = "0"  # also reaches the jaxformer subprocess
+    else:
+        # The PyTorch side runs under the same malloc setting that the ``jaxformer`` command
+        # gives itself (huge pages for large blocks, see jaxformer/hugepages.py), so the
+        # comparison measures the frameworks, not the allocator.
+        from jaxformer.hugepages import reexec_with_hugepages
+
+        reexec_with_hugepages([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit(main())
