@@ -20,7 +20,10 @@ from jaxformer.config import (
 def config() -> Config:
     return Config(
         name="gpt_tiny",
-        model=ModelConfig(n_layers=4, d_model=192, n_heads=4, vocab_size=4096, max_len=256),
+        # "blocked": causal attention that skips the key blocks the mask hides (the fastest
+        # CPU kernel for causal models; docs/models.md, "Attention kernels")
+        model=ModelConfig(n_layers=4, d_model=192, n_heads=4, vocab_size=4096, max_len=256,
+                          attention="blocked"),
         data=DataConfig(source="stdlib", seq_len=256),
         train=TrainConfig(batch_size=16, steps=450, lr=3e-3, warmup_steps=30),
         checkpoint=CheckpointConfig(every=150, keep=2),

@@ -358,7 +358,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
-    "model.attention": ("auto", "reference", "xla", "cudnn", "flash", "splash"),
+    "model.attention": ("auto", "reference", "blocked", "xla", "cudnn", "flash", "splash"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots", "save_dots_no_batch"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from jaxformer.nn.attention_kernels import (
     IMPLEMENTATIONS,
+    blocked_attention,
     cudnn_attention,
     flash_attention,
     get_attention_fn,
@@ -21,7 +23,9 @@ from jaxformer.nn.attention_kernels import (
 )
 from jaxformer.nn.masks import make_mask, segment_mask, sliding_window_mask
 
-KERNELS = {"reference": reference_attention, "xla": xla_attention}
+# "blocked" with 2-token blocks, so the 8-token tests below go through its block path.
+KERNELS = {"reference": reference_attention, "xla": xla_attention,
+           "blocked": functools.partial(blocked_attention, block=2)}
 
 
 def naive_attention(q, k, v, mask, bias, scale):
@@ -188,10 +192,68 @@ def test_unsupported_inputs_fall_back_to_xla_with_a_warning(name, kwargs, reason
                                   np.asarray(xla_attention(q, k, v, is_causal=True, **kwargs)))
 
 
+# --- The blocked kernel -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    dict(is_causal=True),
+    dict(is_causal=True, segment_ids="packed"),
+    dict(window=5, segment_ids="packed"),
+    dict(window=4, is_causal=True, bias="per_head"),
+], ids=["causal", "causal+segments", "window+segments", "window+bias"])
+@pytest.mark.parametrize("block", [4, 8])
+def test_blocked_values_and_gradients_equal_the_reference(kwargs, block):
+    rng = np.random.default_rng(5)
+    q, k, v = f32(*random_qkv(rng, 2, 16, 16, 4, 2, 8))
+    extra = dict(kwargs)
+    if extra.get("segment_ids") == "packed":
+        extra["segment_ids"] = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3, [1] * 16])
+    if extra.get("bias") == "per_head":
+        extra["bias"] = jnp.asarray(rng.normal(size=(1, 4, 16, 16)), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, **extra)))
+
+    blocked = functools.partial(blocked_attention, block=block)
+    got = jax.value_and_grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(functools.partial(loss, reference_attention),
+                              argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_never_reads_the_hidden_key_blocks():
+    """Values after the first block are NaN: the reference multiplies them by zero weights
+    (NaN), the blocked kernel never reads them for the first block's queries."""
+    rng = np.random.default_rng(6)
+    q, k, v = f32(*random_qkv(rng, 1, 8, 8, 2, 2, 4))
+    v = v.at[:, 4:].set(jnp.nan)
+    blocked = np.asarray(blocked_attention(q, k, v, is_causal=True, block=4))
+    reference = np.asarray(reference_attention(q, k, v, is_causal=True))
+    assert np.isnan(reference[:, :4]).all()
+    assert np.isfinite(blocked[:, :4]).all()
+    np.testing.assert_allclose(blocked[:, :4],
+                               np.asarray(reference_attention(q[:, :4], k[:, :4], v[:, :4],
+                                                              is_causal=True)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, shapes", [
+    (dict(), (8, 8)),                    # bidirectional: nothing to skip
+    (dict(is_causal=True), (4, 8)),      # T != S (e.g. decoding against a cache)
+    (dict(is_causal=True), (6, 6)),      # T not a multiple of the block
+])
+def test_blocked_runs_the_reference_where_it_cannot_skip(kwargs, shapes):
+    rng = np.random.default_rng(7)
+    q, k, v = f32(*random_qkv(rng, 1, shapes[0], shapes[1], 2, 2, 4))
+    np.testing.assert_array_equal(
+        np.asarray(blocked_attention(q, k, v, block=4, **kwargs)),
+        np.asarray(reference_attention(q, k, v, **kwargs)))
+
+
 # --- Dispatch ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, backend, want", [
-    ("auto", "cpu", "xla"), ("reference", "cpu", "reference"), ("xla", "cpu", "xla"),
+    ("auto", "cpu", "blocked"), ("reference", "cpu", "reference"), ("xla", "cpu", "xla"),
+    ("blocked", "cpu", "blocked"), ("blocked", "gpu", "blocked"), ("blocked", "tpu", "blocked"),
     ("auto", "gpu", "cudnn"), ("cudnn", "gpu", "cudnn"), ("flash", "gpu", "flash"),
     ("xla", "gpu", "xla"), ("reference", "gpu", "reference"),
     ("auto", "tpu", "splash"), ("splash", "tpu", "splash"), ("flash", "tpu", "splash"),
@@ -203,11 +265,11 @@ def test_resolve_implementation_table(name, backend, want):
 
 
 @pytest.mark.parametrize("name, backend, choices", [
-    ("flash", "cpu", "auto, reference, xla"),
-    ("cudnn", "cpu", "auto, reference, xla"),
-    ("splash", "gpu", "auto, reference, xla, cudnn, flash"),
-    ("cudnn", "tpu", "auto, reference, xla, splash, flash"),
-    ("fast", "gpu", "auto, reference, xla, cudnn, flash"),
+    ("flash", "cpu", "auto, reference, blocked, xla"),
+    ("cudnn", "cpu", "auto, reference, blocked, xla"),
+    ("splash", "gpu", "auto, reference, blocked, xla, cudnn, flash"),
+    ("cudnn", "tpu", "auto, reference, blocked, xla, splash, flash"),
+    ("fast", "gpu", "auto, reference, blocked, xla, cudnn, flash"),
 ])
 def test_unavailable_implementation_is_a_one_line_error(name, backend, choices):
     with pytest.raises(ValueError) as err:
@@ -225,5 +287,5 @@ def test_unknown_backend_is_an_error():
 
 def test_get_attention_fn_uses_the_default_backend():
     assert jax.default_backend() == "cpu"
-    assert get_attention_fn() is xla_attention
+    assert get_attention_fn() is blocked_attention
     assert get_attention_fn("reference") is reference_attention
