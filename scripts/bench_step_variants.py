@@ -1,0 +1,75 @@
+"""Time the train steps of several variants of one experiment, round-robin in one process.
+
+    python scripts/bench_step_variants.py "model.attention=reference" "model.attention=blocked"
+
+Each positional argument is one variant: space-separated KEY=VALUE overrides on top of
+``--base`` (by default the GPT of docs/benchmarks.md: 4 layers, d_model 256, 4 heads, vocab
+8192, seq 256, batch 8). Every variant is compiled first; then each round times one step of
+each variant in turn, so all variants see the same machine conditions. On a shared machine
+whose speed drifts by 20% from minute to minute, separate ``jaxformer bench`` runs cannot
+resolve a 10% difference; interleaved steps can. Prints one line per variant (median and
+minimum over the rounds) and a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+DEFAULT_BASE = ("model.n_layers=4 model.d_model=256 model.n_heads=4 model.vocab_size=8192 "
+                "data.seq_len=256 model.max_len=256 train.batch_size=8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="+", help='overrides of one variant, e.g. "model.remat=full"')
+    p.add_argument("--experiment", default="experiments/gpt_tiny.py")
+    p.add_argument("--base", default=DEFAULT_BASE, help="overrides shared by every variant")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from jaxformer.config import apply_overrides, load_experiment
+    from jaxformer.train.bench import synthetic_batch
+    from jaxformer.train.runtime import build_runtime
+
+    runs = {}
+    for variant in args.variants:
+        cfg = apply_overrides(load_experiment(args.experiment),
+                              args.base.split() + variant.split())
+        rt = build_runtime(cfg)
+        state, batch = rt.init_state(), rt.put_batch(synthetic_batch(cfg))
+        step = rt.train_step.lower(state, batch).compile()
+        for _ in range(args.warmup):
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["loss"])
+        runs[variant] = {"step": step, "state": state, "batch": batch, "times": []}
+        print(f"compiled: {variant}", file=sys.stderr, flush=True)
+    for _ in range(args.rounds):
+        for run in runs.values():
+            start = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], run["batch"])
+            jax.block_until_ready(metrics["loss"])
+            run["times"].append(time.perf_counter() - start)
+    result = {}
+    for variant, run in runs.items():
+        med, best = statistics.median(run["times"]), min(run["times"])
+        result[variant] = {"median_s": med, "min_s": best}
+        print(f"{variant:45s} median {med:.3f} s  min {best:.3f} s")
+    print(json.dumps({"rounds": args.rounds, "base": args.base,
+                      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "variants": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    # the same malloc setting as the ``jaxformer`` command (jaxformer/hugepages.py)
+    from jaxformer.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    sys.exit(main())
