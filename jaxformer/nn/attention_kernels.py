@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.masks import MASK_VALUE, causal_mask, segment_mask, sliding_window_mask
+from jaxformer.parallel.sharding import is_split
 
 
 class AttentionFn(Protocol):
@@ -148,15 +149,18 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     Each block is ``reference_attention`` on its slice of keys, with the slice of the dense
     mask and bias, so the result is the reference's up to float32 summation order. Without a
     causal mask or window nothing can be skipped and this is ``reference_attention``; T != S or
-    T not a multiple of ``block`` also run the reference. A CPU kernel: fused GPU/TPU kernels
-    skip hidden blocks on their own.
+    T not a multiple of ``block`` also run the reference, and so does sequence parallelism
+    (the length axis split over devices), where slicing the sequence into blocks would move
+    every block between devices (measured 1.4x slower than the reference on 8 fake devices). A
+    CPU kernel: fused GPU/TPU kernels skip hidden blocks on their own.
     """
     _check_shapes(q, k, v, segment_ids)
     b, t, n, h = q.shape
     s = k.shape[1]
     kwargs = dict(mask=mask, bias=bias, is_causal=is_causal, scale=scale,
                   segment_ids=segment_ids, window=window)
-    if not (is_causal or window is not None) or t != s or t % block or t == block:
+    if (not (is_causal or window is not None) or t != s or t % block or t == block
+            or is_split("length")):
         return reference_attention(q, k, v, **kwargs)
     visible = dense_mask(t, s, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                          window=window)  # [B|1, 1|N, T, S], causal (or window) included

@@ -119,6 +119,16 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def is_split(name: str) -> bool:
+    """Whether activations' logical axis ``name`` is split over more than one device in the
+    current ``activation_sharding`` context (False outside one)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return False
+    mesh, rules = active
+    return math.prod(mesh.shape[a] for a in rules.get(name, ()) if a in mesh.shape) > 1
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """``with_sharding_constraint`` of ``x`` by logical ``axes``; the identity outside
     ``activation_sharding`` (single-device use, inference, tests of modules)."""

@@ -236,6 +236,24 @@ def test_blocked_never_reads_the_hidden_key_blocks():
                                                               is_causal=True)), atol=1e-6)
 
 
+def test_blocked_runs_the_reference_under_sequence_parallelism():
+    """With the length axis split over devices, slicing it into blocks would move data between
+    devices; the kernel computes the full square instead (here: it reads the NaN values)."""
+    from jax.sharding import AbstractMesh
+
+    from jaxformer.parallel.sharding import activation_sharding, is_split
+
+    rng = np.random.default_rng(6)
+    q, k, v = f32(*random_qkv(rng, 1, 8, 8, 2, 2, 4))
+    v = v.at[:, 4:].set(jnp.nan)
+    for sizes, split in (((2, 1), True), ((1, 2), False)):
+        mesh = AbstractMesh(sizes, ("sequence", "data"))
+        with activation_sharding(mesh, {"length": ("sequence",), "batch": ("data",)}):
+            assert is_split("length") is split
+            out = np.asarray(blocked_attention(q, k, v, is_causal=True, block=4))
+        assert bool(np.isnan(out[:, :4]).all()) is split
+
+
 @pytest.mark.parametrize("kwargs, shapes", [
     (dict(), (8, 8)),                    # bidirectional: nothing to skip
     (dict(is_causal=True), (4, 8)),      # T != S (e.g. decoding against a cache)
