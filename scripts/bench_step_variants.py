@@ -20,15 +20,13 @@ import statistics
 import sys
 import time
 
-DEFAULT_BASE = ("model.n_layers=4 model.d_model=256 model.n_heads=4 model.vocab_size=8192 "
-                "data.seq_len=256 model.max_len=256 train.batch_size=8")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("variants", nargs="+", help='overrides of one variant, e.g. "model.remat=full"')
     p.add_argument("--experiment", default="experiments/gpt_tiny.py")
-    p.add_argument("--base", default=DEFAULT_BASE, help="overrides shared by every variant")
+    p.add_argument("--base", default=None,
+                   help="overrides shared by every variant (default: the benchmark GPT)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
@@ -36,16 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import synthetic_batch
-    from jaxformer.train.runtime import build_runtime
+    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step
 
+    base = " ".join(BENCHMARK_GPT) if args.base is None else args.base
     runs = {}
     for variant in args.variants:
-        cfg = apply_overrides(load_experiment(args.experiment),
-                              args.base.split() + variant.split())
-        rt = build_runtime(cfg)
-        state, batch = rt.init_state(), rt.put_batch(synthetic_batch(cfg))
-        step = rt.train_step.lower(state, batch).compile()
+        cfg = apply_overrides(load_experiment(args.experiment), base.split() + variant.split())
+        _, step, state, batch, _ = compiled_step(cfg)
         for _ in range(args.warmup):
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics["loss"])
@@ -62,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         med, best = statistics.median(run["times"]), min(run["times"])
         result[variant] = {"median_s": med, "min_s": best}
         print(f"{variant:45s} median {med:.3f} s  min {best:.3f} s")
-    print(json.dumps({"rounds": args.rounds, "base": args.base,
+    print(json.dumps({"rounds": args.rounds, "base": base,
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "variants": result}))
     return 0
 

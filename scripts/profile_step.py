@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_BASE = ["model.n_layers=4", "model.d_model=256", "model.n_heads=4",
-                "model.vocab_size=8192", "data.seq_len=256", "model.max_len=256",
-                "train.batch_size=8"]
 RUNTIME_EVENTS = ("ThunkExecutor", "Threadpool", "SlinkyThreadPool")
 
 
@@ -77,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import synthetic_batch
-    from jaxformer.train.runtime import build_runtime
+    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step
 
-    cfg = apply_overrides(load_experiment(args.experiment), DEFAULT_BASE + args.overrides)
-    rt = build_runtime(cfg)
-    state, batch = rt.init_state(), rt.put_batch(synthetic_batch(cfg))
-    step = rt.train_step.lower(state, batch).compile()
+    cfg = apply_overrides(load_experiment(args.experiment), [*BENCHMARK_GPT, *args.overrides])
+    _, step, state, batch, _ = compiled_step(cfg)
 
     def run() -> float:
         nonlocal state

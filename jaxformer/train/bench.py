@@ -18,7 +18,13 @@ import numpy as np
 
 from jaxformer.config import Config
 from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
-from jaxformer.train.runtime import build_runtime, format_memory
+from jaxformer.train.runtime import Runtime, build_runtime, format_memory
+
+# The GPT of docs/benchmarks.md (the side-by-side with Hugging Face): overrides on
+# experiments/gpt_tiny.py, used by the profiling and round-robin scripts.
+BENCHMARK_GPT = ("model.n_layers=4", "model.d_model=256", "model.n_heads=4",
+                 "model.vocab_size=8192", "data.seq_len=256", "model.max_len=256",
+                 "train.batch_size=8")
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -32,17 +38,21 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
             "loss_weights": np.ones((b, t), np.float32)}
 
 
+def compiled_step(cfg: Config) -> tuple[Runtime, Any, Any, dict[str, Any], float]:
+    """The config's train step compiled for a synthetic batch -> (runtime, compiled step,
+    initial state, batch on the mesh, compile seconds)."""
+    rt = build_runtime(cfg)
+    state = rt.init_state()
+    batch = rt.put_batch(synthetic_batch(cfg))
+    start = time.perf_counter()
+    compiled = rt.train_step.lower(state, batch).compile()
+    return rt, compiled, state, batch, time.perf_counter() - start
+
+
 def bench(cfg: Config, steps: int, warmup: int = 2,
           echo: Callable[[str], None] = print) -> dict[str, Any]:
-    rt = build_runtime(cfg)
+    rt, compiled, state, batch, compile_s = compiled_step(cfg)
     mesh = rt.mesh
-    state = rt.init_state()
-    step_fn = rt.train_step
-    batch = rt.put_batch(synthetic_batch(cfg))
-
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
     memory = rt.memory_report(state, compiled)
     echo(f"compiled in {compile_s:.1f}s; {format_memory(memory)}; {warmup} warm-up + {steps} "
          "timed steps")
