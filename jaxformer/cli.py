@@ -204,11 +204,11 @@ COMMANDS.update(SWEEP_COMMANDS)
 
 
 def run() -> None:
-    """The ``jaxformer`` command: ``main`` in a process whose large allocations use
-    transparent huge pages (see ``jaxformer.hugepages``; ``JAXFORMER_HUGEPAGES=0`` opts out)."""
-    from jaxformer.hugepages import reexec_with_hugepages
+    """The ``jaxformer`` command: ``main`` in a process whose malloc reuses its heap across
+    CPU train steps (see ``jaxformer.malloc_tuning``; ``JAXFORMER_MALLOC_TUNING=0`` opts out)."""
+    from jaxformer.malloc_tuning import reexec_with_malloc_tuning
 
-    reexec_with_hugepages([sys.executable, "-m", "jaxformer.cli", *sys.argv[1:]])
+    reexec_with_malloc_tuning([sys.executable, "-m", "jaxformer.cli", *sys.argv[1:]])
     sys.exit(main())
 
 

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # the same malloc setting as the ``jaxformer`` command (jaxformer/hugepages.py)
-    from jaxformer.hugepages import reexec_with_hugepages
+    # the same malloc setting as the ``jaxformer`` command (jaxformer/malloc_tuning.py)
+    from jaxformer.malloc_tuning import reexec_with_malloc_tuning
 
-    reexec_with_hugepages([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    reexec_with_malloc_tuning([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit(main())

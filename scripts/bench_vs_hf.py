@@ -24,6 +24,14 @@ JAX side
     uses every core it sees; on the 2-core benchmark machine that equals
     ``--threads 2``. A warning is printed when the two differ.
 
+Timing order
+    By default all PyTorch steps are timed first, then the ``jaxformer bench`` subprocess.
+    With ``--interleave`` both sides are alive at once and take turns, one step each (the
+    jaxformer side in a worker subprocess running ``jaxformer.train.bench.serve_steps`` on
+    the same experiment and overrides), so a machine whose speed drifts slows both alike.
+    Both sides run under the ``jaxformer`` command's malloc setting
+    (jaxformer/malloc_tuning.py) unless ``--default-malloc``.
+
 FLOP accounting (same formula as jaxformer)::
 
     flops_per_token = 6 * N_matmul + 6 * L * T * d
@@ -66,6 +74,7 @@ side reports the peak jaxformer measured itself, printed alongside.
 Example::
 
     python scripts/bench_vs_hf.py                      # both sides, default shapes
+    python scripts/bench_vs_hf.py --interleave         # one step of each side in turn
     python scripts/bench_vs_hf.py --skip-jax --json-out /tmp/hf.json
 
 Output: a markdown table, then one JSON line with every number (last line of stdout).
@@ -82,6 +91,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +136,9 @@ def count_hf_params(model: torch.nn.Module, vocab_size: int, d_model: int) -> di
     }
 
 
-def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
-    """Build HF GPT-2 with random weights and time eager training steps on CPU."""
+def build_torch_step(args: argparse.Namespace) -> tuple[Callable[[], float], dict[str, Any]]:
+    """HF GPT-2 with random weights and its eager training step -> (step, facts about it);
+    ``step()`` trains on one fixed batch and returns the loss."""
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -165,6 +176,28 @@ def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return out.loss.item()
 
+    facts = {
+        "impl": "hf-transformers GPT2LMHeadModel (torch eager)",
+        "params": counts["params"],
+        "n_matmul": counts["n_matmul"],
+        "n_block_all": counts["n_block_all"],
+        "n_block_matrices": counts["n_block_matrices"],
+        "n_matmul_incl_bias_norm": counts["n_matmul_incl_bias_norm"],
+        "flops_per_token": fpt,
+        "attn_implementation": attn_impl,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkldnn_enabled": torch.backends.mkldnn.enabled,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "device": "cpu",
+    }
+    return step, facts
+
+
+def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
+    """Build HF GPT-2 with random weights and time eager training steps on CPU."""
+    step, facts = build_torch_step(args)
     t0 = time.perf_counter()
     first_loss = step()
     first_step_s = time.perf_counter() - t0
@@ -187,12 +220,7 @@ def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
     tokens_per_step = args.batch_size * args.seq_len
     tps = tokens_per_step / median
     result = {
-        "impl": "hf-transformers GPT2LMHeadModel (torch eager)",
-        "params": counts["params"],
-        "n_matmul": counts["n_matmul"],
-        "n_block_all": counts["n_block_all"],
-        "n_block_matrices": counts["n_block_matrices"],
-        "n_matmul_incl_bias_norm": counts["n_matmul_incl_bias_norm"],
+        **facts,
         "step_time_s": median,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
@@ -202,27 +230,31 @@ def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
         "loadavg_1m_before": load_before,
         "loadavg_1m_after": os.getloadavg()[0],
         "tokens_per_sec": tps,
-        "flops_per_token": fpt,
         "peak_flops": peak_flops,
-        "mfu": fpt * tps / peak_flops,
-        "attn_implementation": attn_impl,
+        "mfu": facts["flops_per_token"] * tps / peak_flops,
         "first_loss": first_loss,
         "last_loss": loss,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "mkldnn_enabled": torch.backends.mkldnn.enabled,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "device": "cpu",
     }
     return result
 
 
+def jax_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides that give jaxformer's experiment the benchmark's shapes."""
+    return [f"model.n_layers={args.n_layers}", f"model.d_model={args.d_model}",
+            f"model.n_heads={args.n_heads}", f"model.vocab_size={args.vocab_size}",
+            f"model.max_len={args.seq_len}", f"data.seq_len={args.seq_len}",
+            f"train.batch_size={args.batch_size}"]
+
+
+def experiment_path(args: argparse.Namespace) -> Path:
+    experiment = Path(args.experiment)
+    return experiment.resolve() if not experiment.is_absolute() and experiment.exists() \
+        else experiment
+
+
 def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``jaxformer bench`` in a subprocess and parse the JSON on its last stdout line."""
-    experiment = Path(args.experiment)
-    if not experiment.is_absolute() and experiment.exists():
-        experiment = experiment.resolve()
+    experiment = experiment_path(args)
     cmd = [
         sys.executable,
         "-m",
@@ -233,21 +265,9 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         str(args.steps),
         "--warmup",
         str(args.warmup),
-        "--set",
-        f"model.n_layers={args.n_layers}",
-        "--set",
-        f"model.d_model={args.d_model}",
-        "--set",
-        f"model.n_heads={args.n_heads}",
-        "--set",
-        f"model.vocab_size={args.vocab_size}",
-        "--set",
-        f"model.max_len={args.seq_len}",
-        "--set",
-        f"data.seq_len={args.seq_len}",
-        "--set",
-        f"train.batch_size={args.batch_size}",
     ]
+    for override in jax_overrides(args):
+        cmd += ["--set", override]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -272,6 +292,70 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     result["subprocess_wall_s"] = wall
     result["command"] = cmd
     return result
+
+
+# Seconds of idle time between the two sides' steps in --interleave, so that one side's
+# spinning worker threads (OpenMP's, XLA's) have gone to sleep before the other side starts.
+INTERLEAVE_PAUSE_S = 0.05
+
+
+def jax_worker(experiment: str, warmup: int, overrides: list[str]) -> None:
+    """The jaxformer half of ``--interleave``, run in a subprocess: timed train steps on
+    request (``jaxformer.train.bench.serve_steps``)."""
+    from jaxformer.config import apply_overrides, load_experiment
+    from jaxformer.train.bench import serve_steps
+
+    serve_steps(apply_overrides(load_experiment(experiment), overrides), warmup)
+
+
+def bench_interleaved(args: argparse.Namespace, peak_flops: float
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both sides alive at once, one step of each in turn (never concurrently): a PyTorch
+    step here, then a jaxformer step in the ``jax_worker`` subprocess, ``--steps`` times, so
+    that both are timed under the same machine conditions. -> (hf row, jaxformer row)."""
+    step, facts = build_torch_step(args)
+    for _ in range(args.warmup):
+        step()
+    cmd = [sys.executable, os.path.abspath(__file__), "--jax-worker", str(experiment_path(args)),
+           str(args.warmup), *jax_overrides(args)]
+    worker = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def reply() -> dict[str, Any]:
+        line = worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the jaxformer worker exited with {worker.wait()}")
+        return json.loads(line)
+
+    jax_facts = reply()
+    times: dict[str, list[float]] = {"hf": [], "jax": []}
+    losses = {}
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses["hf"] = step()
+        times["hf"].append(time.perf_counter() - start)
+        time.sleep(INTERLEAVE_PAUSE_S)
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        answer = reply()
+        times["jax"].append(answer["s"])
+        losses["jax"] = answer["loss"]
+        time.sleep(INTERLEAVE_PAUSE_S)
+    worker.stdin.close()
+    worker.wait()
+    tokens_per_step = args.batch_size * args.seq_len
+    rows = {}
+    for side, side_facts, impl in (("hf", facts, facts["impl"]),
+                                   ("jax", jax_facts, "jaxformer (JAX/XLA)")):
+        median = statistics.median(times[side])
+        tps = tokens_per_step / median
+        rows[side] = {**side_facts, "impl": impl, "step_time_s": median,
+                      "step_time_min_s": min(times[side]), "step_times_s": times[side],
+                      "tokens_per_sec": tps, "peak_flops": peak_flops,
+                      "mfu": side_facts["flops_per_token"] * tps / peak_flops,
+                      "last_loss": losses[side]}
+    rows["jax"]["command"] = cmd
+    return rows["hf"], rows["jax"]
 
 
 def _fmt_params(n: int | None) -> str:
@@ -309,14 +393,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (both sides)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--skip-jax", action="store_true", help="only run the PyTorch side")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate single steps of the two sides instead of timing one "
+                        "side after the other (robust to a machine whose speed drifts)")
     p.add_argument("--jax-timeout", type=float, default=3600.0, help="seconds")
     p.add_argument("--peak-repeats", type=int, default=10, help="torch.mm repeats for the peak")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
-    p.add_argument("--no-hugepages", action="store_true",
-                   help="both sides with the default malloc (no glibc.malloc.hugetlb=1)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="both sides with glibc's default malloc settings (no heap-reuse "
+                        "tunables, see jaxformer/malloc_tuning.py)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.interleave and args.skip_jax:
+        p.error("--interleave needs both sides; drop --skip-jax")
     if args.d_model % args.n_heads:
         p.error("--d-model must be divisible by --n-heads")
     return args
@@ -341,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    if args.interleave:
+        return report(args, peak, *bench_interleaved(args, peak), None)
     # Sequential on purpose: torch first, fully finished, then the JAX subprocess.
     hf = bench_torch(args, peak)
     hf["contended"] = hf["cpu_utilization"] < 0.85 * args.threads
@@ -352,21 +444,27 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     gc.collect()  # the torch model and optimizer state are out of scope now; free them
-    rows = [hf]
     jax_res: dict[str, Any] | None = None
     jax_error: str | None = None
     if not args.skip_jax:
         try:
             jax_res = bench_jax(args)
-            rows.append(jax_res)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
             jax_error = str(e)
             print(f"jaxformer side failed: {jax_error}", file=sys.stderr)
+    return report(args, peak, hf, jax_res, jax_error)
 
+
+def report(args: argparse.Namespace, peak: float, hf: dict[str, Any],
+           jax_res: dict[str, Any] | None, jax_error: str | None) -> int:
+    """Print the table, the ratio and the JSON line; return the exit status."""
+    rows = [hf] if jax_res is None else [hf, jax_res]
+    mode = ("interleaved, one step of each in turn" if args.interleave
+            else "one side after the other")
     print(
         f"\nshapes: L={args.n_layers} d={args.d_model} H={args.n_heads} T={args.seq_len} "
         f"B={args.batch_size} V={args.vocab_size}, fp32, {args.threads} threads, "
-        f"{args.steps} timed steps; HF attention: {hf['attn_implementation']}\n"
+        f"{args.steps} timed steps ({mode}); HF attention: {hf['attn_implementation']}\n"
     )
     print(markdown_table(rows))
     ratio = None
@@ -394,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "steps": args.steps,
         "warmup": args.warmup,
+        "interleave": args.interleave,
         "threads": args.threads,
-        "cpu_count": ncpu,
+        "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "torch_matmul_peak_flops": peak,
         "hf": hf,
@@ -414,13 +513,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--no-hugepages" in sys.argv:
-        os.environ["JAXFORMER_HUGEPAGES"] = "0"  # also reaches the jaxformer subprocess
+    if sys.argv[1:2] == ["--jax-worker"]:  # the subprocess of --interleave
+        jax_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+        sys.exit(0)
+    if "--default-malloc" in sys.argv:
+        os.environ["JAXFORMER_MALLOC_TUNING"] = "0"  # also reaches the jaxformer subprocess
     else:
         # The PyTorch side runs under the same malloc setting that the ``jaxformer`` command
-        # gives itself (huge pages for large blocks, see jaxformer/hugepages.py), so the
+        # gives itself (heap reuse across steps, see jaxformer/malloc_tuning.py), so the
         # comparison measures the frameworks, not the allocator.
-        from jaxformer.hugepages import reexec_with_hugepages
+        from jaxformer.malloc_tuning import reexec_with_malloc_tuning
 
-        reexec_with_hugepages([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+        reexec_with_malloc_tuning([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit(main())

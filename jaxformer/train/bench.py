@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -47,6 +48,40 @@ def compiled_step(cfg: Config) -> tuple[Runtime, Any, Any, dict[str, Any], float
     start = time.perf_counter()
     compiled = rt.train_step.lower(state, batch).compile()
     return rt, compiled, state, batch, time.perf_counter() - start
+
+
+def serve_steps(cfg: Config, warmup: int = 3, requests: IO[str] = sys.stdin,
+                replies: IO[str] = sys.stdout) -> None:
+    """Timed train steps on request, for benchmark scripts that interleave the steps of
+    several processes (``scripts/bench_malloc.py``, ``scripts/bench_vs_hf.py --interleave``).
+
+    Compiles the config's train step on a synthetic batch and runs ``warmup`` steps; writes a
+    JSON line ``{"params", "flops_per_token", "compile_s"}``; then, for each line read from
+    ``requests``, runs one step and writes ``{"s": seconds, "loss", "faults": minor page
+    faults during the step, "maxrss_mib": the process's peak resident memory}``.
+    """
+    import resource
+
+    _, compiled, state, batch, compile_s = compiled_step(cfg)
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    reply({"params": count_params(state.params), "compile_s": compile_s,
+           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)})
+    for _ in requests:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        elapsed = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        reply({"s": elapsed, "loss": float(metrics["loss"]),
+               "faults": usage.ru_minflt - faults, "maxrss_mib": usage.ru_maxrss / 1024})
 
 
 def bench(cfg: Config, steps: int, warmup: int = 2,

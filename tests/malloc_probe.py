@@ -1,4 +1,4 @@
-"""Run by tests/test_hugepages.py after a re-exec: prints what the new process got."""
+"""Run by tests/test_malloc_tuning.py after a re-exec: prints what the new process got."""
 
 import json
 import os
