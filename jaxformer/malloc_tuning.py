@@ -17,7 +17,9 @@ resident memory: the heap is never given back, and fragmentation can leave room 
 three steps' temporaries (the benchmark GPT: 1.0 GB by default, 1.0–3.0 GB tuned, stable
 after ~20 steps). Huge pages (``glibc.malloc.hugetlb=1``) cut the faults too, but each step
 still waits for the kernel to find and zero 2 MiB pages, which stalls when memory is
-fragmented (0.82 s per step in the same interleaved run).
+fragmented (0.82 s per step in the same interleaved run). A second price: HF ``tokenizers``'
+threads contend for the single arena (tokenizing the default corpus ~3.5x slower, once per
+corpus, as tokens are cached); docs/usage.md.
 
 glibc reads tunables once, when the process starts, so the ``jaxformer`` command re-executes
 itself with them (same PID, arguments and file descriptors) before it imports anything heavy.
