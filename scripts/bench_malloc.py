@@ -37,7 +37,7 @@ def worker(experiment: str, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from jaxformer.malloc_tuning import TUNABLES
-    from jaxformer.train.bench import BENCHMARK_GPT
+    from jaxformer.train.bench import BENCHMARK_GPT, read_reply, request_step
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("variants", nargs="+", help='GLIBC_TUNABLES values; "" = glibc defaults, '
@@ -57,15 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", args.experiment, *overrides],
             cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if not proc.stdout.readline():  # the facts line, once compiled and warmed up
-            raise SystemExit(f"worker for {variant!r} failed (exit {proc.wait()})")
+        read_reply(proc)  # the facts line, once compiled and warmed up
         workers[variant] = (proc, [])
         print(f"compiled: {variant!r}", file=sys.stderr, flush=True)
     for _ in range(args.rounds):
         for proc, replies in workers.values():
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            replies.append(json.loads(proc.stdout.readline()))
+            replies.append(request_step(proc))
             time.sleep(0.05)  # let the worker's threads go idle before the next one starts
     result = {}
     for variant, (proc, replies) in workers.items():

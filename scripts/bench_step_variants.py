@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
 
-    import jax
 
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step
+    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step, timed_step
 
     base = " ".join(BENCHMARK_GPT) if args.base is None else args.base
     runs = {}
@@ -42,16 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(load_experiment(args.experiment), base.split() + variant.split())
         _, step, state, batch, _ = compiled_step(cfg)
         for _ in range(args.warmup):
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics["loss"])
+            state, _, _ = timed_step(step, state, batch)
         runs[variant] = {"step": step, "state": state, "batch": batch, "times": []}
         print(f"compiled: {variant}", file=sys.stderr, flush=True)
     for _ in range(args.rounds):
         for run in runs.values():
-            start = time.perf_counter()
-            run["state"], metrics = run["step"](run["state"], run["batch"])
-            jax.block_until_ready(metrics["loss"])
-            run["times"].append(time.perf_counter() - start)
+            run["state"], _, elapsed = timed_step(run["step"], run["state"], run["batch"])
+            run["times"].append(elapsed)
     result = {}
     for variant, run in runs.items():
         med, best = statistics.median(run["times"]), min(run["times"])

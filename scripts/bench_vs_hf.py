@@ -313,6 +313,8 @@ def bench_interleaved(args: argparse.Namespace, peak_flops: float
     """Both sides alive at once, one step of each in turn (never concurrently): a PyTorch
     step here, then a jaxformer step in the ``jax_worker`` subprocess, ``--steps`` times, so
     that both are timed under the same machine conditions. -> (hf row, jaxformer row)."""
+    from jaxformer.train.bench import read_reply, request_step
+
     step, facts = build_torch_step(args)
     for _ in range(args.warmup):
         step()
@@ -320,14 +322,7 @@ def bench_interleaved(args: argparse.Namespace, peak_flops: float
            str(args.warmup), *jax_overrides(args)]
     worker = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
-
-    def reply() -> dict[str, Any]:
-        line = worker.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the jaxformer worker exited with {worker.wait()}")
-        return json.loads(line)
-
-    jax_facts = reply()
+    jax_facts = read_reply(worker)
     times: dict[str, list[float]] = {"hf": [], "jax": []}
     losses = {}
     for _ in range(args.steps):
@@ -335,9 +330,7 @@ def bench_interleaved(args: argparse.Namespace, peak_flops: float
         losses["hf"] = step()
         times["hf"].append(time.perf_counter() - start)
         time.sleep(INTERLEAVE_PAUSE_S)
-        worker.stdin.write("\n")
-        worker.stdin.flush()
-        answer = reply()
+        answer = request_step(worker)
         times["jax"].append(answer["s"])
         losses["jax"] = answer["loss"]
         time.sleep(INTERLEAVE_PAUSE_S)

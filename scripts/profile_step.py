@@ -19,7 +19,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 RUNTIME_EVENTS = ("ThunkExecutor", "Threadpool", "SlinkyThreadPool")
@@ -74,17 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step
+    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step, timed_step
 
     cfg = apply_overrides(load_experiment(args.experiment), [*BENCHMARK_GPT, *args.overrides])
     _, step, state, batch, _ = compiled_step(cfg)
 
     def run() -> float:
         nonlocal state
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        return time.perf_counter() - start
+        state, _, elapsed = timed_step(step, state, batch)
+        return elapsed
 
     for _ in range(2):
         run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,33 @@ def compiled_step(cfg: Config) -> tuple[Runtime, Any, Any, dict[str, Any], float
     return rt, compiled, state, batch, time.perf_counter() - start
 
 
+def timed_step(compiled: Any, state: Any, batch: dict[str, Any]
+               ) -> tuple[Any, dict[str, Any], float]:
+    """One train step, waited for -> (new state, metrics, wall seconds)."""
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    return state, metrics, time.perf_counter() - start
+
+
+def read_reply(worker: subprocess.Popen) -> dict[str, Any]:
+    """The next JSON line a ``serve_steps`` worker process wrote (its facts line first)."""
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the step worker exited with {worker.wait()}")
+    return json.loads(line)
+
+
+def request_step(worker: subprocess.Popen) -> dict[str, Any]:
+    """Asks a ``serve_steps`` worker process for one timed step and returns its reply."""
+    try:
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+    except BrokenPipeError:
+        pass  # the worker has exited; read_reply says so with its exit status
+    return read_reply(worker)
+
+
 def serve_steps(cfg: Config, warmup: int = 3, requests: IO[str] = sys.stdin,
                 replies: IO[str] = sys.stdout) -> None:
     """Timed train steps on request, for benchmark scripts that interleave the steps of
@@ -64,8 +92,7 @@ def serve_steps(cfg: Config, warmup: int = 3, requests: IO[str] = sys.stdin,
 
     _, compiled, state, batch, compile_s = compiled_step(cfg)
     for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
+        state, _, _ = timed_step(compiled, state, batch)
 
     def reply(obj: dict[str, Any]) -> None:
         replies.write(json.dumps(obj) + "\n")
@@ -75,10 +102,7 @@ def serve_steps(cfg: Config, warmup: int = 3, requests: IO[str] = sys.stdin,
            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)})
     for _ in requests:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        elapsed = time.perf_counter() - start
+        state, metrics, elapsed = timed_step(compiled, state, batch)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         reply({"s": elapsed, "loss": float(metrics["loss"]),
                "faults": usage.ru_minflt - faults, "maxrss_mib": usage.ru_maxrss / 1024})
@@ -94,11 +118,9 @@ def bench(cfg: Config, steps: int, warmup: int = 2,
 
     times = []
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
+        state, metrics, elapsed = timed_step(compiled, state, batch)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / step_time
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
 
-from jaxformer.train.bench import serve_steps
+import pytest
+
+from jaxformer.train.bench import read_reply, request_step, serve_steps
 from jaxformer.train.flops import flops_per_token
 from tests.train.helpers import tiny_config
 
@@ -25,3 +29,22 @@ def test_serves_one_timed_step_per_request():
     # brings the loss down
     assert math.isclose(losses[0], math.log(cfg.model.vocab_size), rel_tol=0.1)
     assert losses[-1] < losses[0] - 0.05
+
+
+# A stand-in worker speaking serve_steps' protocol: a facts line, then one numbered reply per
+# request line, and it exits after two.
+_FAKE_WORKER = """
+import json, sys
+print(json.dumps({"facts": 1}), flush=True)
+for i, _ in zip(range(2), sys.stdin):
+    print(json.dumps({"s": i}), flush=True)
+"""
+
+
+def test_client_reads_facts_then_one_reply_per_request():
+    worker = subprocess.Popen([sys.executable, "-c", _FAKE_WORKER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert read_reply(worker) == {"facts": 1}
+    assert [request_step(worker) for _ in range(2)] == [{"s": 0}, {"s": 1}]
+    with pytest.raises(RuntimeError, match="exited with 0"):
+        request_step(worker)  # the worker has gone: a clear error, not a JSON decode error
