@@ -18,7 +18,6 @@ from jaxformer.config import (
     EvalConfig,
     LogConfig,
     ObjectiveConfig,
-    SampleConfig,
     TrainConfig,
 )
 from jaxformer.models import presets
@@ -36,5 +35,4 @@ def config() -> Config:
         checkpoint=CheckpointConfig(every=150, keep=1),
         log=LogConfig(every=10),
         eval=EvalConfig(every=50, batches=16),
-        sample=SampleConfig(prompts=()),
     )

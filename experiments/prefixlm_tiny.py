@@ -14,7 +14,6 @@ from jaxformer.config import (
     EvalConfig,
     LogConfig,
     ObjectiveConfig,
-    SampleConfig,
     TrainConfig,
 )
 from jaxformer.models import presets
@@ -31,5 +30,4 @@ def config() -> Config:
         checkpoint=CheckpointConfig(every=150, keep=2),
         log=LogConfig(every=10),
         eval=EvalConfig(every=150, batches=16),
-        sample=SampleConfig(prompts=()),
     )

@@ -15,7 +15,6 @@ from jaxformer.config import (
     EvalConfig,
     LogConfig,
     ObjectiveConfig,
-    SampleConfig,
     TrainConfig,
 )
 from jaxformer.models import presets
@@ -35,5 +34,4 @@ def config() -> Config:
         checkpoint=CheckpointConfig(every=500, keep=2),
         log=LogConfig(every=50),
         eval=EvalConfig(every=500, batches=16),
-        sample=SampleConfig(prompts=()),
     )

@@ -68,7 +68,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # mla: per-head query/key channels without RoPE
     v_head_dim: int = 0  # mla: per-head value width
     # auto (per backend) | reference | xla | cudnn | flash | splash
-    attention: str = "reference"
+    attention: str = "auto"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
     init_std: float = 0.02
@@ -101,9 +101,28 @@ class ModelConfig:
 
     @property
     def ff_width(self) -> int:
-        from jaxformer.nn.feedforward import default_d_ff
-
         return self.d_ff or default_d_ff(self.d_model, self.activation)
+
+
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+
+
+def default_d_ff(d_model: int, activation: str) -> int:
+    """The hidden width F used when the config leaves it unset.
+
+    Non-gated: 4 * D (Vaswani et al., GPT-2). Gated: 8 * D / 3, rounded up to a multiple of 8.
+    A gated block has three D x F matrices instead of two, so F = 8D/3 keeps its parameters and
+    FLOPs equal to the 4D plain MLP (3 * 8D/3 = 2 * 4D), as in Shazeer (2020) and Llama. The
+    rounding to a multiple of 8 gives matmul shapes that tile onto tensor cores and TPU lanes;
+    it is smaller than Llama's multiple of 256, so small test models stay close to 8D/3.
+    """
+    if activation not in _CHOICES["model.activation"]:
+        raise ValueError(f"unknown activation {activation!r}; valid: "
+                         f"{', '.join(_CHOICES['model.activation'])}")
+    if activation not in GATED_ACTIVATIONS:
+        return 4 * d_model
+    d_ff = 8 * d_model // 3  # integer floor: int(8 * d / 3) without float rounding
+    return -(-d_ff // 8) * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +154,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per step; batch_size must divide evenly
+    # Steps the LR schedule spans (warmup, decay); 0 means train.steps. Set it when extending
+    # a run: the old length keeps the old schedule (held at its end value after it), the new
+    # length re-plans the decay over the new length (the LR changes at the resumed step).
+    schedule_steps: int = 0
     # Start a new run from these weights: a jaxformer run dir (its latest checkpoint) or a
     # Hugging Face save_pretrained directory. Ignored when the run dir already has a checkpoint.
     init_from: str = ""
@@ -204,9 +227,11 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Samples printed at the end of training."""
+    """Samples printed at the end of training (objectives that generate text)."""
 
-    prompts: tuple[str, ...] = ("def ", "class ", "import ")
+    # Empty: the first line of `count` held-out documents, so prompts fit the corpus.
+    prompts: tuple[str, ...] = ()
+    count: int = 3  # samples drawn from held-out documents when prompts is empty; 0: none
     max_new_tokens: int = 120
     temperature: float = 0.8
     top_k: int = 40
@@ -348,13 +373,13 @@ def _type_name(typ: Any) -> str:
 
 # --- validation --------------------------------------------------------------------------------
 
-_CHOICES = {
+# Choice-valued keys. ``objective.kind`` joins when jaxformer.objectives registers its
+# objectives (register_choices), as do the checks they own (register_check).
+_CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_encoding": ("learned", "sinusoidal", "rope", "alibi", "t5_relative", "shaw",
                            "none"),
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
     "model.attention_type": ("mha", "mla"),
-    "objective.kind": ("causal", "masked_lm", "prefix_lm", "span_corruption", "seq2seq",
-                       "classification"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
@@ -388,10 +413,13 @@ def validate(cfg: Config) -> Config:
         base = typing.get_origin(typ) or typ
         if not isinstance(value, base) or (base is int and isinstance(value, bool)):
             raise ConfigError(f"bad value for {key}: {value!r} is not a valid {_type_name(typ)}")
-    for key, choices in _CHOICES.items():
-        if get_key(cfg, key) not in choices:
-            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)!r}; choose one of "
-                              f"{', '.join(choices)}")
+    for key, valid in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in valid:
+            near = difflib.get_close_matches(str(value), valid, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"bad value for {key}: {value!r}; {hint}choose one of "
+                              f"{', '.join(valid)}")
     for key in _POSITIVE:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be positive")
@@ -409,7 +437,7 @@ def validate(cfg: Config) -> Config:
     for key in ("model.dropout", "model.attention_dropout"):
         if not 0.0 <= get_key(cfg, key) < 1.0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be in [0, 1)")
-    for key in ("model.d_ff", "model.head_dim", "model.sliding_window",
+    for key in ("train.schedule_steps", "model.d_ff", "model.head_dim", "model.sliding_window",
                 "model.n_decoder_layers", "model.type_vocab_size", "model.num_labels",
                 "model.kv_lora_rank", "model.q_lora_rank", "model.qk_rope_head_dim",
                 "model.qk_nope_head_dim", "model.v_head_dim"):
@@ -432,7 +460,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.scan_layers=true repeats one block: it needs every block alike "
                           f"(model.moe_every=1), got model.moe_every={m.moe_every}")
     validate_mesh(cfg.mesh)
-    validate_objective(cfg)
+    validate_loss_options(cfg)
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
     if t.batch_size % t.grad_accum:
@@ -449,6 +477,8 @@ def validate(cfg: Config) -> Config:
                           "(0, 1]")
     if t.lr <= 0:
         raise ConfigError(f"bad value for train.lr: {t.lr} must be positive")
+    for check in _CHECKS:
+        check(cfg)
     return cfg
 
 
@@ -470,43 +500,37 @@ def validate_mesh(mesh: MeshConfig) -> None:
                               f"with mesh axes among {', '.join(sizes)}")
 
 
-# The model architecture each objective trains.
-OBJECTIVE_ARCH = {"causal": "decoder", "prefix_lm": "decoder", "masked_lm": "encoder",
-                  "classification": "encoder", "span_corruption": "encoder_decoder",
-                  "seq2seq": "encoder_decoder"}
-
-
-def validate_objective(cfg: Config) -> None:
-    """The objective fits the model and its numbers make sense (one-line ConfigError)."""
-    o, m = cfg.objective, cfg.model
-    need = OBJECTIVE_ARCH[o.kind]
-    if m.arch != need:
-        raise ConfigError(f"objective.kind={o.kind!r} trains model.arch={need!r}, but the model "
-                          f"is {m.arch!r}")
-    if o.kind == "classification" and m.num_labels < 2:
-        raise ConfigError("objective.kind='classification' needs model.num_labels >= 2")
+def validate_loss_options(cfg: Config) -> None:
+    """The loss options every objective shares (one-line ConfigError)."""
+    o = cfg.objective
     if not 0.0 <= o.label_smoothing < 1.0:
         raise ConfigError(f"bad value for objective.label_smoothing: {o.label_smoothing} must "
                           "be in [0, 1)")
     if o.z_loss < 0.0:
         raise ConfigError(f"bad value for objective.z_loss: {o.z_loss} must be >= 0")
-    try:
-        if o.kind == "masked_lm":
-            from jaxformer.objectives.masked_lm import check_mlm_config
 
-            check_mlm_config(o.mask_rate, o.mask_token_prob, o.random_token_prob)
-        elif o.kind == "prefix_lm":
-            from jaxformer.objectives.prefix_lm import check_prefix_config
 
-            check_prefix_config(o.prefix_min, o.prefix_max)
-        elif o.kind == "span_corruption":
-            from jaxformer.objectives.span_corruption import resolve_lengths
-            from jaxformer.objectives.specials import N_SENTINELS
+_CHECKS: list[typing.Callable[[Config], None]] = []
 
-            resolve_lengths(cfg.data.seq_len, o.targets_len, o.noise_density,
-                            o.mean_span_length, N_SENTINELS)
-    except ValueError as e:
-        raise ConfigError(f"objective: {e}") from None
+
+def register_choices(key: str, choices: tuple[str, ...]) -> None:
+    """Makes ``choices`` the valid values of ``key`` (a layer above owns the list)."""
+    _CHOICES[key] = tuple(choices)
+
+
+def register_check(check: typing.Callable[[Config], None]) -> None:
+    """Adds a check that ``validate`` runs last (e.g. the objectives' own options)."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The valid values of a choice-valued key (e.g. ``model.pos_encoding``)."""
+    return _CHOICES[key]
+
+
+def choice_keys() -> list[str]:
+    return list(_CHOICES)
 
 
 def get_owner(cfg: Config, key: str) -> Any:

@@ -17,10 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxformer.inference.restore import load_run
+from jaxformer.models.build import abstract_model
+from jaxformer.objectives import get_objective
 from jaxformer.objectives.tasks import build_task
-from jaxformer.train import rundir
-from jaxformer.train.state import abstract_model
+from jaxformer.runs import rundir
+from jaxformer.runs.restore import load_run
 from jaxformer.train.step import make_loss_sums
 
 
@@ -37,7 +38,9 @@ def main() -> None:
     scores = {}
     for name, cfg, params, keep_prefix in (("prefix-LM", prefix_cfg, prefix_params, True),
                                            ("causal", causal_cfg, causal_params, False)):
-        loss_sums = jax.jit(make_loss_sums(abstract_model(cfg.model)[0]))
+        # Both runs are scored with the prefix-LM call; the causal one sees no prefix marks.
+        forward = get_objective("prefix_lm" if keep_prefix else "causal").logits
+        loss_sums = jax.jit(make_loss_sums(abstract_model(cfg.model)[0], forward))
         total = np.zeros(2)
         for batch in task.val_batches(prefix_cfg.train.batch_size, args.batches):
             if not keep_prefix:

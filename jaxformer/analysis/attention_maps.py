@@ -34,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.analysis.plots import _pyplot
+from jaxformer.data.synthetic import SymbolTokenizer, is_synthetic
+from jaxformer.data.tokenizer import EOS, PAD, load_tokenizer
 from jaxformer.errors import UserError
+from jaxformer.inference.seq2seq import GreedyDecoder
+from jaxformer.models.build import abstract_model
+from jaxformer.runs import rundir
+from jaxformer.runs.restore import load_run
 
 DPI = 100
 MAX_COLUMNS = 4  # head panels per row
@@ -150,8 +157,6 @@ def token_label(text: str) -> str:
 def plot_attention_map(amap: AttentionMap, out: Path, title: str = "") -> None:
     """One PNG of ``amap``: a heat map per head (rows: queries, columns: keys), a shared
     colour scale from 0 to the layer's largest probability; size ``figure_pixels``."""
-    from jaxformer.analysis.plots import _pyplot
-
     plt = _pyplot()
     n, t, s = amap.probs.shape
     width, height = figure_pixels(n, t, s)
@@ -202,19 +207,9 @@ def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
 
 
-def _latest_step(run_dir: Path) -> int | None:
-    from jaxformer.train import rundir
-
-    steps = [int(p.name) for p in (run_dir / rundir.CHECKPOINT_DIR).glob("*") if
-             p.name.isdigit()]
-    return max(steps) if steps else None
-
-
 def _greedy_target(graphdef: nnx.GraphDef, params: Any, enc: np.ndarray, max_new: int,
                    start_id: int, eos_id: int) -> list[int]:
     """The model's greedy output for source ``enc`` [S], up to (not including) EOS."""
-    from jaxformer.inference.seq2seq import GreedyDecoder
-
     ids = GreedyDecoder(graphdef)(params, enc[None], np.ones((1, len(enc)), np.int32),
                                   np.arange(len(enc), dtype=np.int32)[None], max_new, start_id,
                                   eos_id)[0].tolist()
@@ -233,12 +228,6 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
     ``target``: an encoder-decoder's decoder text (None: its greedy output, at most
     ``max_new_tokens`` tokens). -> the paths written, PNGs first.
     """
-    from jaxformer.data.synthetic import SymbolTokenizer, is_synthetic
-    from jaxformer.data.tokenizer import EOS, PAD, load_tokenizer
-    from jaxformer.inference.restore import load_run
-    from jaxformer.train import rundir
-    from jaxformer.train.state import abstract_model
-
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise UserError(f"run dir {run_dir} does not exist")
@@ -305,7 +294,7 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
             probs = np.asarray(weights[stack, found[layer]][0], np.float32)
             maps.append(AttentionMap(stack, found[layer], probs, q_labels, k_labels))
 
-    step_used = step if step is not None else _latest_step(run_dir)
+    step_used = step if step is not None else rundir.latest_checkpoint_step(run_dir)
     title = f"{run_dir.name}" + ("" if step_used is None else f" step {step_used}") + ": "
     written = []
     for amap in maps:

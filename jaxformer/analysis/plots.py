@@ -10,6 +10,7 @@ import numpy as np
 from jaxformer.analysis.events import read_scalars
 from jaxformer.config import Config
 from jaxformer.errors import UserError
+from jaxformer.train.optimizer import learning_rate_schedule, warmup_steps
 
 
 def _pyplot():
@@ -43,8 +44,6 @@ def plot_schedule(cfg: Config, out: Path) -> np.ndarray:
     """The learning rate of every step of ``cfg`` -> the values plotted, [train.steps]."""
     import jax
     import jax.numpy as jnp
-
-    from jaxformer.train.optimizer import learning_rate_schedule, warmup_steps
 
     schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
     steps = np.arange(cfg.train.steps)

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
-from jaxformer.hf import bert, gpt2, llama, mistral, t5
+from jaxformer.hf import bert, gpt2, llama, mistral, t5, tokens
 from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_dir, write_hf_dir
 from jaxformer.hf.mapping import export_tensors, flatten, import_tensors, unflatten_like
-from jaxformer.train.state import abstract_model
+from jaxformer.models.build import abstract_model
 
 # model_type in config.json -> the module describing that family's layout.
 FAMILIES: dict[str, types.ModuleType] = {gpt2.MODEL_TYPE: gpt2}
@@ -149,11 +150,14 @@ def params_from_tensors(family: types.ModuleType, cfg: ModelConfig,
 
 
 def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
-                    directory: Path | str, model_type: str | None = None) -> None:
+                    directory: Path | str, model_type: str | None = None,
+                    tokenizer: Tokenizer | None = None) -> None:
     """Writes a directory that transformers' Auto* classes load with the same logits.
 
     ``model`` is a ``PretrainedModel`` or a (model config, pure parameter dict) pair, e.g.
-    from a training run.
+    from a training run. With the run's ``tokenizer``, config.json (and generation_config.json
+    of a generating family) carries its end-of-text and padding ids in the family's names, and
+    the directory gets the tokenizer for ``AutoTokenizer`` (``jaxformer.hf.tokens``).
     """
     if isinstance(model, PretrainedModel):
         cfg, params, model_type = model.config, model.params, model.model_type
@@ -163,4 +167,12 @@ def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
     family = family_of(model_type)
     family.check_exportable(cfg)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
-    write_hf_dir(directory, family.hf_config(cfg), export_tensors(family.rules(cfg), flat))
+    hf_config = family.hf_config(cfg)
+    ids = tokens.special_ids(family, tokenizer) if tokenizer is not None else {}
+    hf_config.update(ids)
+    directory = Path(directory)
+    write_hf_dir(directory, hf_config, export_tensors(family.rules(cfg), flat))
+    if family.GENERATES and tokens.generation_config(hf_config):
+        tokens.write_generation_config(directory, hf_config)
+    if tokenizer is not None:
+        tokens.write_tokenizer(directory, tokenizer, ids, cfg.max_len)

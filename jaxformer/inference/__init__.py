@@ -1,0 +1,19 @@
+"""Decoding: KV-cache sampling, greedy encoder-decoder decoding, loading a run to decode.
+
+Objectives name the strategies they are decoded with (``Objective.sampling``,
+``Objective.decode_metrics``); these tables map the names to the functions, each
+``(cfg, graphdef, params, task)``.
+"""
+
+from collections.abc import Callable
+
+from jaxformer.inference.samples import continuation_samples
+from jaxformer.inference.seq2seq import exact_match
+
+# End-of-run samples: -> [(prompt, generated text)].
+SAMPLERS: dict[str, Callable[..., list[tuple[str, str]]]] = {
+    "continuation": continuation_samples}
+# Evaluation metrics computed by decoding held-out data: -> a float (higher is better).
+DECODE_METRICS: dict[str, Callable[..., float]] = {"exact_match": exact_match}
+
+__all__ = ["DECODE_METRICS", "SAMPLERS"]

@@ -13,6 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.config import Config
+from jaxformer.data.synthetic import EOS_ID, PAD_ID
+from jaxformer.objectives.base import Task
+
 
 class GreedyDecoder:
     """Jitted encode and decode-step functions for one model graph."""
@@ -52,3 +56,19 @@ class GreedyDecoder:
         done = np.cumsum(ids == eos_id, axis=1) > 0
         after_eos = np.concatenate([np.zeros((b, 1), bool), done[:, :-1]], axis=1)
         return np.where(after_eos, eos_id, ids)
+
+
+def exact_match(cfg: Config, graphdef: Any, params: Any, task: Task) -> float:
+    """Share of held-out sources whose greedy translation equals the reference exactly
+    (``eval.batches`` batches, 16 when that is 0)."""
+    data = task.translation
+    assert data is not None, "exact match decodes a synthetic translation task"
+    decoder = GreedyDecoder(graphdef)
+    hits = total = 0
+    for batch in data.val_batches(cfg.train.batch_size, cfg.eval.batches or 16):
+        out = decoder(params, batch["enc_inputs"], batch["enc_segment_ids"],
+                      batch["enc_positions"], data.seq_len, PAD_ID, EOS_ID)
+        want = np.where(batch["loss_weights"] > 0, batch["targets"], EOS_ID)
+        hits += int((out == want).all(axis=1).sum())
+        total += len(out)
+    return hits / max(total, 1)

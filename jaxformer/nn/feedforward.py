@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxformer.config import GATED_ACTIVATIONS, default_d_ff
 from jaxformer.nn.params import constant_param, normal_param
+
+__all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "FeedForward", "activation_fn", "default_d_ff"]
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
@@ -32,7 +35,6 @@ _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "geglu": lambda h: jax.nn.gelu(h, approximate=False),
     "geglu_tanh": lambda h: jax.nn.gelu(h, approximate=True),
 }
-GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 ACTIVATIONS = tuple(_ACTIVATIONS)
 
 
@@ -45,22 +47,6 @@ def activation_fn(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
 def _check_activation(activation: str) -> None:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-def default_d_ff(d_model: int, activation: str) -> int:
-    """The hidden width F used when the config leaves it unset.
-
-    Non-gated: 4 * D (Vaswani et al., GPT-2). Gated: 8 * D / 3, rounded up to a multiple of 8.
-    A gated block has three D x F matrices instead of two, so F = 8D/3 keeps its parameters and
-    FLOPs equal to the 4D plain MLP (3 * 8D/3 = 2 * 4D), as in Shazeer (2020) and Llama. The
-    rounding to a multiple of 8 gives matmul shapes that tile onto tensor cores and TPU lanes;
-    it is smaller than Llama's multiple of 256, so small test models stay close to 8D/3.
-    """
-    _check_activation(activation)
-    if activation not in GATED_ACTIVATIONS:
-        return 4 * d_model
-    d_ff = 8 * d_model // 3  # integer floor: int(8 * d / 3) without float rounding
-    return -(-d_ff // 8) * 8
 
 
 class FeedForward(nnx.Module):

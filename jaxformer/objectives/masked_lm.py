@@ -12,9 +12,16 @@ tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxformer.config import Config
+from jaxformer.objectives import tasks
+from jaxformer.objectives.base import Batch, Log, Objective, Task
+from jaxformer.objectives.registry import register
+from jaxformer.objectives.specials import MASK
 
 # Byte-level BPE maps every byte to a printable character (GPT-2's `bytes_to_unicode`):
 # the bytes that are already printable Latin-1 stay themselves, the rest are shifted to 256+.
@@ -230,3 +237,31 @@ def mask_example(
         "positions": segment_positions(segment_ids),
         "loss_weights": loss_weights,
     }
+
+
+@register
+class MaskedLM(Objective):
+    """BERT's masked-LM on packed documents, for an encoder."""
+
+    name = "masked_lm"
+    arch = "encoder"
+    special_tokens = (MASK,)
+
+    def check(self, cfg: Config) -> None:
+        o = cfg.objective
+        check_mlm_config(o.mask_rate, o.mask_token_prob, o.random_token_prob)
+
+    def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
+        pipeline = tasks.text_pipeline(cfg, tokenizer_path, log)
+        tok, o = pipeline.tokenizer, cfg.objective
+        mask_id, specials = tasks.token_id(tok, MASK, self.name), tasks.special_ids(tok)
+        starts = word_starts_from_tokenizer(tok) if o.whole_word else None
+
+        def mask(row: Batch, rng: np.random.Generator) -> Batch:
+            return mask_example(
+                row["inputs"], row["segment_ids"], rng, mask_rate=o.mask_rate,
+                mask_token_prob=o.mask_token_prob, random_token_prob=o.random_token_prob,
+                mask_id=mask_id, vocab_size=tok.get_vocab_size(), special_ids=specials,
+                word_starts=None if starts is None else starts[row["inputs"]])
+
+        return tasks.text_task(cfg, pipeline, mask)

@@ -12,9 +12,20 @@ Letters: T row length, Ls source length, Lt target length, L segment length, k s
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import jax
 import numpy as np
 
+from jaxformer.config import Config
+from jaxformer.data.packing import stack_examples
+from jaxformer.data.synthetic import EOS_ID, PAD_ID, is_synthetic
+from jaxformer.objectives.base import Batch, Log, Objective, Task
 from jaxformer.objectives.masked_lm import segment_positions
+from jaxformer.objectives.registry import register
+from jaxformer.objectives.seq2seq import translation_task
+from jaxformer.objectives.tasks import share_rows, text_pipeline, text_task
 
 
 def check_prefix_config(min_frac: float, max_frac: float) -> None:
@@ -162,3 +173,55 @@ def prefix_attention_mask(segment_ids: np.ndarray, prefix: np.ndarray) -> np.nda
     causal = np.tril(np.ones((T, T), dtype=bool))
     return (seg[:, None] == seg[None, :]) & (causal | (p[:, None] & p[None, :]))
 
+
+
+@register
+class PrefixLM(Objective):
+    """Documents split into a bidirectional prefix and a causal continuation; or, with a
+    ``synthetic:<task>`` source, ``source EOS target EOS`` rows with the source as prefix."""
+
+    name = "prefix_lm"
+    arch = "decoder"
+
+    def check(self, cfg: Config) -> None:
+        check_prefix_config(cfg.objective.prefix_min, cfg.objective.prefix_max)
+
+    def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
+        if is_synthetic(cfg.data.source):
+            return _pair_task(cfg, log)
+        o = cfg.objective
+
+        def prefix(row: Batch, rng: np.random.Generator) -> Batch:
+            return prefix_example(
+                row["inputs"], row["targets"], row["segment_ids"], row["positions"],
+                row["loss_weights"], rng, min_prefix_frac=o.prefix_min,
+                max_prefix_frac=o.prefix_max)
+
+        return text_task(cfg, text_pipeline(cfg, tokenizer_path, log), prefix)
+
+    def logits(self, model: Any, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        return model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                     prefix=batch["prefix"], dropout_rng=dropout_rng)
+
+
+def _pair_task(cfg: Config, log: Log) -> Task:
+    """Input -> target pairs for a decoder: ``source EOS target EOS`` in one row, the source
+    (and its EOS) the bidirectional prefix, the loss on the target."""
+    task = translation_task(cfg, log)
+
+    def row(src: np.ndarray) -> Batch:
+        return prefix_example_from_pair(task.source_ids(src), task.target_ids(task.translate(src)),
+                                        cfg.data.seq_len, EOS_ID, PAD_ID)
+
+    def train_batch(step: int, b: int, seed: int, share: int = 0, n: int = 1) -> Batch:
+        return stack_examples([row(task.sample(np.random.default_rng([seed, step, r]), False))
+                               for r in share_rows(b, share, n)])
+
+    def val_batches(b: int, n: int | None):  # noqa: ANN202 - a generator of batches
+        sources = task.heldout_sources(b * (n or 16))
+        for k in range(n or 16):
+            yield stack_examples([row(s) for s in sources[k * b:(k + 1) * b]])
+
+    return Task(name="prefix_lm", train_batch=train_batch, val_batches=val_batches,
+                baseline_name="unigram", baseline=float("nan"))

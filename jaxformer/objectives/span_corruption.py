@@ -20,8 +20,18 @@ N noise tokens, K noise spans.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
+
+from jaxformer.config import Config
+from jaxformer.data.tokenizer import PAD, eos_id
+from jaxformer.objectives.base import Batch, Log, Objective, Task, encoder_decoder_logits
+from jaxformer.objectives.registry import register
+from jaxformer.objectives.specials import N_SENTINELS, sentinel
+from jaxformer.objectives.tasks import text_pipeline, text_task, token_id
 
 
 def _span_counts(length: int, noise_density: float,
@@ -242,3 +252,42 @@ def resolve_lengths(inputs_length: int, targets_length: int, noise_density: floa
                             mean_noise_span_length, n_sentinels)
     needed = random_spans_helper(inputs_length, noise_density, mean_noise_span_length)[1]
     return raw, targets_length or needed
+
+
+@register
+class SpanCorruption(Objective):
+    """T5's span corruption on packed documents, for an encoder-decoder: the encoder reads
+    ``data.seq_len`` corrupted tokens, the decoder writes the dropped spans."""
+
+    name = "span_corruption"
+    arch = "encoder_decoder"
+    special_tokens = tuple(sentinel(i) for i in range(N_SENTINELS))
+
+    def _lengths(self, cfg: Config) -> tuple[int, int]:
+        """-> (raw tokens per row, decoder length) for ``data.seq_len`` encoder tokens."""
+        o = cfg.objective
+        return resolve_lengths(cfg.data.seq_len, o.targets_len, o.noise_density,
+                               o.mean_span_length, N_SENTINELS)
+
+    def check(self, cfg: Config) -> None:
+        self._lengths(cfg)
+
+    def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
+        raw_len, targets_len = self._lengths(cfg)
+        pipeline = text_pipeline(cfg, tokenizer_path, log, seq_len=raw_len)
+        tok, o = pipeline.tokenizer, cfg.objective
+        sentinels = [token_id(tok, t, self.name) for t in self.special_tokens]
+        eos, pad = eos_id(tok), token_id(tok, PAD, self.name)
+
+        def corrupt(row: Batch, rng: np.random.Generator) -> Batch:
+            return span_corruption_example(
+                row["inputs"], rng, noise_density=o.noise_density,
+                mean_noise_span_length=o.mean_span_length, sentinel_ids=sentinels,
+                eos_id=eos, pad_id=pad, decoder_start_id=pad, inputs_length=cfg.data.seq_len,
+                targets_length=targets_len)
+
+        return text_task(cfg, pipeline, corrupt)
+
+    def logits(self, model: Any, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        return encoder_decoder_logits(model, batch, dropout_rng)

@@ -1,4 +1,5 @@
-"""The special tokens each objective adds to the tokenizer, after EOS (id 0) and PAD (id 1).
+"""Special tokens objectives add to the tokenizer, after EOS (id 0) and PAD (id 1)
+(``Objective.special_tokens``).
 
 A causal LM needs none, so its tokenizer (and its numbers) do not change with the objectives
 that exist; masked LM needs a mask token; span corruption needs one sentinel per noise span.
@@ -15,12 +16,3 @@ N_SENTINELS = 64
 def sentinel(i: int) -> str:
     """The token that stands for the i-th noise span of an example (T5's <extra_id_i>)."""
     return f"<|extra_{i}|>"
-
-
-def extra_special_tokens(kind: str) -> tuple[str, ...]:
-    """Special tokens the objective ``kind`` needs beyond EOS and PAD, in id order."""
-    if kind == "masked_lm":
-        return (MASK,)
-    if kind == "span_corruption":
-        return tuple(sentinel(i) for i in range(N_SENTINELS))
-    return ()

@@ -19,8 +19,9 @@ from typing import TextIO
 
 import jaxformer
 from jaxformer.errors import UserError
+from jaxformer.runs import rundir
+from jaxformer.sweep.hparams import write_sweep_hparams
 from jaxformer.sweep.space import Point, Sweep
-from jaxformer.train import rundir
 
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -125,6 +126,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, parallel: int = 1,
     program = program or [sys.executable, "-m", "jaxformer.cli"]
     sweep_dir = Path(sweep_dir)
     write_sweep_file(sweep, sweep_dir)
+    write_sweep_hparams(sweep, sweep_dir)
     total = len(sweep.points)
     results: dict[str, str] = {}
     todo: list[Point] = []

@@ -1,6 +1,7 @@
 """``jaxformer runs DIR``: one row per run dir under DIR, from its config and event files.
 
-Printed as aligned text and written to ``DIR/runs.csv`` (full precision) and ``DIR/runs.md``.
+Printed as aligned text; written on request as CSV (full precision) or markdown (``--out
+FILE``, or ``--write`` for ``DIR/runs.csv`` and ``DIR/runs.md``, as a sweep does at its end).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import statistics
 from pathlib import Path
 
 from jaxformer import config as config_lib
+from jaxformer.analysis.events import read_scalars
 from jaxformer.errors import UserError
+from jaxformer.runs import rundir
 from jaxformer.sweep.runner import EXIT_MARK, LOG_FILE, SWEEP_FILE, checkpoint_step, last_attempt
-from jaxformer.train import rundir
 
 CSV_FILE = "runs.csv"
 MD_FILE = "runs.md"
@@ -93,8 +95,6 @@ def run_row(run_dir: Path, name: str, overrides: str) -> RunRow:
     row = RunRow(name, overrides, status, done)
     if not any(Path(run_dir).glob("events.out.tfevents.*")):
         return row
-    from jaxformer.analysis.events import read_scalars
-
     scalars = read_scalars(run_dir)
     if scalars.get("eval/loss"):
         losses = [v for _, v in scalars["eval/loss"]]
@@ -202,8 +202,32 @@ def write_tables(directory: Path | str, rows: list[RunRow]) -> tuple[Path, Path]
     return csv_path, md_path
 
 
-def runs_table(directory: Path | str) -> tuple[list[RunRow], str]:
-    """Collects the rows, writes runs.csv and runs.md; returns the rows and the console text."""
+TABLE_FORMATS = {".csv": format_csv, ".md": format_markdown}
+
+
+def check_table_path(path: Path | str) -> Path:
+    """``path`` if ``write_table`` can write it (a .csv or .md file in an existing directory);
+    a UserError otherwise, before any run is read."""
+    path = Path(path)
+    if path.suffix not in TABLE_FORMATS:
+        raise UserError(f"--out {path}: name a .csv or a .md file")
+    if not path.parent.is_dir():
+        raise UserError(f"--out {path}: directory {path.parent} does not exist")
+    return path
+
+
+def write_table(path: Path | str, rows: list[RunRow]) -> Path:
+    """One table file, its format from the suffix: ``.csv`` (exact values) or ``.md``."""
+    path = check_table_path(path)
+    path.write_text(TABLE_FORMATS[path.suffix](rows))
+    return path
+
+
+def runs_table(directory: Path | str, write: bool = False) -> tuple[list[RunRow], str]:
+    """Collects the rows -> (rows, the console text); ``write`` also writes runs.csv and
+    runs.md into ``directory`` (and says so in the text)."""
     rows = collect_runs(directory)
+    if not write:
+        return rows, format_text(rows)
     csv_path, md_path = write_tables(directory, rows)
     return rows, f"{format_text(rows)}\n\nwrote {csv_path} and {md_path}"

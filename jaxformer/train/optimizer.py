@@ -9,6 +9,8 @@ The inverse-sqrt schedule counts from 1 instead, see ``inverse_sqrt_schedule``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -62,8 +64,11 @@ def learning_rate_schedule(cfg: TrainConfig, d_model: int | None = None) -> opta
     - inverse_sqrt: ``inverse_sqrt_schedule(cfg.lr, d_model, warmup)`` -- here ``train.lr`` is
       a multiplier (1.0 reproduces the paper), not the peak rate, and ``d_model`` is required.
 
-    The warmup length is ``warmup_steps(cfg)``.
+    The warmup length is ``warmup_steps(cfg)``. ``steps`` is ``cfg.schedule_steps`` when set
+    (a run extended past the schedule it was planned with), ``cfg.steps`` otherwise.
     """
+    if cfg.schedule_steps:
+        cfg = dataclasses.replace(cfg, steps=cfg.schedule_steps)
     lr, warmup = cfg.lr, warmup_steps(cfg)
     end = lr * cfg.min_lr_ratio
     after = max(cfg.steps - warmup, 1)  # steps from the end of warmup to the end of training

@@ -20,12 +20,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxformer.config import Config
 from jaxformer.errors import UserError
+from jaxformer.models.build import abstract_model
+from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.state import (
     TrainState,
-    abstract_model,
     abstract_train_state,
     create_train_state,
     state_shardings,
@@ -124,13 +125,14 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     graphdef, _ = abstract_model(cfg.model)
     shardings = state_shardings(cfg.model, tx, mesh, rules)
     rep = replicated(mesh)
+    forward = get_objective(cfg.objective.kind).logits
     train_step = make_train_step(
         graphdef, tx, schedule, cfg.train.grad_accum, shardings, b_sharding, rep,
-        dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
+        forward=forward, dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
         label_smoothing=cfg.objective.label_smoothing, z_loss=cfg.objective.z_loss,
         mesh=mesh, rules=rules, moe=moe_coefficients(cfg))
-    eval_step = make_eval_step(graphdef, shardings.params, b_sharding, rep, mesh=mesh,
-                               rules=rules)
+    eval_step = make_eval_step(graphdef, shardings.params, b_sharding, rep, forward=forward,
+                               mesh=mesh, rules=rules)
     return Runtime(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
                    schedule=schedule, state_sharding=shardings, batch_sharding=b_sharding,
                    train_step=train_step, eval_step=eval_step)

@@ -18,19 +18,21 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxformer.nn.moe_stats import collect_moe_stats
-from jaxformer.objectives.forward import objective_logits
 from jaxformer.objectives.loss import cross_entropy_sums
 from jaxformer.parallel.sharding import Rules, activation_sharding
 from jaxformer.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# (model, batch, dropout_rng) -> logits aligned with batch["targets"]: Objective.logits
+LogitsFn = Callable[[Any, Batch, jax.Array | None], jax.Array]
 
 
-def make_loss_sums(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
+def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: float = 0.0,
                    z_loss: float = 0.0, moe: tuple[float, float] | None = None
                    ) -> Callable[..., Metrics]:
-    """``loss_sums(params, batch, dropout_rng)`` -> weighted sums (see cross_entropy_sums).
+    """``loss_sums(params, batch, dropout_rng)`` -> weighted sums (see cross_entropy_sums) of
+    the logits ``forward`` (the objective's model call) returns.
 
     With ``moe = (a, b)`` the objective adds ``a * load_balance + b * router_z`` (means over
     the MoE layers), weighted by the batch's target count so that the final division by the
@@ -38,9 +40,8 @@ def make_loss_sums(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
     """
     def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
         model = nnx.merge(graphdef, params)
-        forward = nnx.capture(lambda m: objective_logits(m, batch, dropout_rng),
-                              nnx.Intermediate)
-        logits, intermediates = forward(model)
+        capture = nnx.capture(lambda m: forward(m, batch, dropout_rng), nnx.Intermediate)
+        logits, intermediates = capture(model)
         sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
                                   label_smoothing=label_smoothing, z_loss=z_loss)
         if moe is not None:
@@ -66,9 +67,10 @@ def dropout_key(seed: int, step: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, state_sharding: TrainState,
-                    batch_sharding: NamedSharding, metrics_sharding: NamedSharding,
-                    dropout: bool = False, seed: int = 0, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, mesh: Mesh | None = None, rules: Rules | None = None,
+                    batch_sharding: NamedSharding, metrics_sharding: NamedSharding, *,
+                    forward: LogitsFn, dropout: bool = False, seed: int = 0,
+                    label_smoothing: float = 0.0, z_loss: float = 0.0, mesh: Mesh | None = None,
+                    rules: Rules | None = None,
                     moe: tuple[float, float] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
@@ -77,7 +79,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (``loss``), while ``nll`` stays the plain negative log-likelihood. With ``mesh`` and
     ``rules`` the model's activation constraints pin activations to the mesh; ``moe`` adds
     the router losses (see make_loss_sums)."""
-    loss_sums = make_loss_sums(graphdef, label_smoothing, z_loss, moe)
+    loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe)
 
     def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         def objective(p):
@@ -142,10 +144,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, params_sharding: Any, batch_sharding: NamedSharding,
-                   metrics_sharding: NamedSharding, mesh: Mesh | None = None,
-                   rules: Rules | None = None) -> Callable[[Any, Batch], Metrics]:
+                   metrics_sharding: NamedSharding, *, forward: LogitsFn,
+                   mesh: Mesh | None = None, rules: Rules | None = None
+                   ) -> Callable[[Any, Batch], Metrics]:
     """Builds ``eval_step(params, batch) -> {loss_sum, weight_sum, correct_sum, ...}``."""
-    loss_sums = make_loss_sums(graphdef)
+    loss_sums = make_loss_sums(graphdef, forward)
 
     def eval_step(params: Any, batch: Batch) -> Metrics:
         with _constraints(mesh, rules):

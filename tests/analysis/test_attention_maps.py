@@ -20,10 +20,11 @@ from jaxformer.analysis.attention_maps import (
 from jaxformer.config import Config, DataConfig, ObjectiveConfig
 from jaxformer.data.tokenizer import save_tokenizer, train_tokenizer
 from jaxformer.models import build_model, presets
-from jaxformer.train import rundir
-from jaxformer.train.checkpoint import Checkpointer
+from jaxformer.models.build import init_params
+from jaxformer.runs import rundir
+from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.train.optimizer import make_optimizer
-from jaxformer.train.state import TrainState, init_params
+from jaxformer.train.state import TrainState
 from tests.corpus import document
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, max_len=48)
@@ -207,8 +208,8 @@ def test_cli_writes_one_png_per_layer_and_the_npz(family, run_dirs, tokenizer, t
     if family != "bert":
         assert (np.triu(data["layer0"][1], 1) == 0).all()
     if family == "gpt2":  # the npz holds the checkpoint's probabilities
-        from jaxformer.inference.restore import load_run
-        from jaxformer.train.state import abstract_model
+        from jaxformer.models.build import abstract_model
+        from jaxformer.runs.restore import load_run
 
         cfg, params = load_run(run_dirs[family])
         model = nnx.merge(abstract_model(cfg.model)[0], params)
@@ -288,7 +289,7 @@ def test_synthetic_task_runs_are_labelled_with_their_symbols(tmp_path, capsys):
     cfg = config_lib.apply_overrides(cfg, [
         "objective.kind=seq2seq", "data.source=synthetic:reverse", "data.seq_len=24",
         "train.steps=1", "train.batch_size=2", "train.warmup_steps=0", "eval.batches=1",
-        "sample.prompts=[]"])
+        "sample.count=0"])
     train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
     out = tmp_path / "maps"
     assert cli.main(["attention", str(tmp_path / "run"), "--text", "3 1 4", "--out",

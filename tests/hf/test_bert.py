@@ -123,7 +123,7 @@ def test_sequence_classification_logits_and_round_trip(tmp_path):
 def test_fresh_model_exports_with_same_logits(tmp_path):
     """A jaxformer-initialized BERT (not one read from transformers) exports faithfully."""
     from jaxformer.hf.api import PretrainedModel
-    from jaxformer.train.state import init_params
+    from jaxformer.models.build import init_params
 
     cfg = presets.bert(n_layers=2, d_model=32, n_heads=4, vocab_size=VOCAB, d_ff=64, max_len=32,
                        init_std=0.2)
@@ -154,7 +154,7 @@ def test_bad_directories_are_refused(tmp_path):
 
 
 def test_unexportable_encoder_is_refused(tmp_path):
-    from jaxformer.train.state import init_params
+    from jaxformer.models.build import init_params
 
     cfg = presets.bert(n_layers=1, d_model=32, n_heads=4, vocab_size=VOCAB, max_len=16,
                        norm_position="pre", final_norm=True)

@@ -20,7 +20,7 @@ from jaxformer.hf import (  # noqa: E402
     save_pretrained,
 )
 from jaxformer.models import presets  # noqa: E402
-from jaxformer.train.state import abstract_model  # noqa: E402
+from jaxformer.models.build import abstract_model  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 101

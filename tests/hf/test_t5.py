@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxformer.hf import HFConversionError, from_pretrained, save_pretrained  # noqa: E402
-from jaxformer.train.state import abstract_model  # noqa: E402
+from jaxformer.models.build import abstract_model  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 99

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from jaxformer.models import build_model, presets
+from jaxformer.models.build import abstract_model
 from jaxformer.models.layer_stack import REMAT_POLICIES, stack_params, unstack_params
-from jaxformer.train.state import abstract_model
+from jaxformer.objectives import get_objective
 from jaxformer.train.step import make_loss_sums
 
 SMALL = dict(n_layers=3, d_model=32, n_heads=4, vocab_size=61, max_len=16)
@@ -42,9 +43,15 @@ CONFIGS = {
 }
 
 
+# The objective each architecture trains here: its model call.
+FORWARD = {"decoder": get_objective("causal").logits,
+           "encoder": get_objective("masked_lm").logits,
+           "encoder_decoder": get_objective("span_corruption").logits}
+
+
 def _loss_and_grads(cfg, params, batch, moe=None):
     graphdef, _ = abstract_model(cfg)
-    loss_sums = make_loss_sums(graphdef, moe=moe)
+    loss_sums = make_loss_sums(graphdef, FORWARD[cfg.arch], moe=moe)
 
     def loss(p):
         sums = loss_sums(p, batch)
@@ -99,7 +106,7 @@ def test_remat_reduces_saved_activations():
 
     def residual_bytes(policy: str) -> int:
         graphdef, _ = abstract_model(dataclasses.replace(cfg, remat=policy))
-        loss_sums = make_loss_sums(graphdef)
+        loss_sums = make_loss_sums(graphdef, FORWARD[cfg.arch])
         _, vjp = jax.vjp(lambda p: loss_sums(p, batch)["loss_sum"], params)
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp)
                    if hasattr(x, "dtype"))

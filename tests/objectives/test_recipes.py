@@ -21,7 +21,7 @@ SMALL = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=400, max_len=64)
 def run(tmp_path, model: ModelConfig, *overrides: str, corpus: bool = True):
     cfg = dataclasses.replace(Config(), model=model)
     base = ["train.batch_size=16", "train.warmup_steps=10", "log.every=10",
-            "data.val_fraction=0.1", "sample.prompts=[]", "eval.batches=4"]
+            "data.val_fraction=0.1", "sample.count=0", "eval.batches=4"]
     if corpus:
         base.append(f"data.source={write_corpus(tmp_path / 'corpus', n_docs=120)}")
     cfg = config_lib.apply_overrides(cfg, base + list(overrides))

@@ -1,7 +1,7 @@
 """A real multi-process job on this machine: 2 processes x 2 fake CPU devices joined by
 jax.distributed (gloo), launched through scripts/launch_local.py with the FSDP preset.
 
-The job is killed after step 5 (``JAXFORMER_CRASH_AFTER_STEP``), relaunched, resumes from the
+The job is killed after step 5 (``tests/crash_train.py``), relaunched, resumes from the
 step-4 checkpoint and finishes; its per-step train losses and final eval loss equal those of one
 process driving the same 4-device mesh, and only process 0 wrote anything into the run dir.
 """
@@ -27,28 +27,29 @@ CRASH_AFTER = 5
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=300",
         "model.max_len=32", "data.seq_len=32", "train.batch_size=8", f"train.steps={STEPS}",
         "train.warmup_steps=1", "log.every=1", "eval.every=4", "eval.batches=2",
-        "checkpoint.every=4", "mesh.preset=fsdp", "sample.prompts=[]"]
+        "checkpoint.every=4", "mesh.preset=fsdp", "sample.count=0"]
 REL = 1e-5  # fp32: the same program, partitioned over processes instead of one
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAXFORMER_CRASH_AFTER_STEP")}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
 
 
-def _train_args(corpus: Path, run_dir: Path) -> list[str]:
+def _train_args(corpus: Path, run_dir: Path, crash_after: int | None = None) -> list[str]:
     sets = [a for kv in [*TINY, f"data.source={corpus}"] for a in ("--set", kv)]
-    return [sys.executable, "-m", "jaxformer.cli", "train", EXPERIMENT, "--run-dir",
-            str(run_dir), "--no-progress", *sets]
+    command = (["-m", "jaxformer.cli"] if crash_after is None else
+               ["-m", "tests.crash_train", str(crash_after)])
+    return [sys.executable, *command, "train", EXPERIMENT, "--run-dir", str(run_dir),
+            "--no-progress", *sets]
 
 
-def _launch(corpus: Path, run_dir: Path, log_dir: Path, **env: str
+def _launch(corpus: Path, run_dir: Path, log_dir: Path, crash_after: int | None = None
             ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2",
            "--devices-per-process", "2", "--log-dir", str(log_dir), "--",
-           *_train_args(corpus, run_dir)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+           *_train_args(corpus, run_dir, crash_after)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -63,7 +64,7 @@ def runs(tmp_path_factory) -> dict:
     run = tmp / "multi"
     out: dict = {"run": run, "tmp": tmp}
 
-    crashed = _launch(corpus, run, tmp / "logs_1", JAXFORMER_CRASH_AFTER_STEP=str(CRASH_AFTER))
+    crashed = _launch(corpus, run, tmp / "logs_1", crash_after=CRASH_AFTER)
     out["crashed"] = crashed
     out["crashed_files"] = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
     out["crashed_events"] = _event_files(run)

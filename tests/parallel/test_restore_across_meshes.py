@@ -20,8 +20,8 @@ import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer.config import Config
-from jaxformer.inference.restore import load_run
-from jaxformer.train.checkpoint import Checkpointer
+from jaxformer.runs.restore import load_run
+from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.train.loop import train
 from jaxformer.train.optimizer import make_optimizer
 from jaxformer.train.runtime import build_runtime
@@ -106,7 +106,7 @@ scan_cfg = config_lib.apply_overrides(Config(), [
     f"data.source={corpus}", "data.seq_len=32", "model.max_len=32", "model.n_layers=3",
     "model.d_model=32", "model.n_heads=2", "model.vocab_size=300", "train.batch_size=8",
     "train.steps=3", "train.warmup_steps=1", "checkpoint.every=3", "log.every=3",
-    "eval.every=3", "eval.batches=1", "sample.prompts=[]", "model.scan_layers=true",
+    "eval.every=3", "eval.batches=1", "sample.count=0", "model.scan_layers=true",
     "mesh.preset=fsdp"])
 run = tmp / "scan_run"
 train(scan_cfg, run, progress=False, echo=lambda s: None)

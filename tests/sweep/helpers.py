@@ -7,7 +7,7 @@ from pathlib import Path
 TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=300",
         "data.seq_len=32", "model.max_len=64", "train.batch_size=4", "train.steps=4",
         "train.warmup_steps=1", "eval.every=2", "eval.batches=1", "log.every=2",
-        "checkpoint.every=2", "sample.prompts=[]"]
+        "checkpoint.every=2", "sample.count=0"]
 
 TEMPLATE = '''"""A tiny experiment with a sweep (written by a test)."""
 from jaxformer import config as config_lib

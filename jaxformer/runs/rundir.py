@@ -51,3 +51,10 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.name
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint directory in ``run_dir`` (reads the directory only)."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()]
+    return max(steps) if steps else None

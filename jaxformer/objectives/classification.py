@@ -1,0 +1,44 @@
+"""Sequence classification (BERT fine-tuning): one label per row from a pooled encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxformer.config import Config
+from jaxformer.data.classification import PackageSnippets
+from jaxformer.objectives.base import Log, Objective, Task
+from jaxformer.objectives.registry import register
+from jaxformer.objectives.tasks import share_rows, text_pipeline
+
+
+@register
+class Classification(Objective):
+    name = "classification"
+    arch = "encoder"
+
+    def check(self, cfg: Config) -> None:
+        if cfg.model.num_labels < 2:
+            raise ValueError("objective.kind='classification' needs model.num_labels >= 2")
+
+    def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
+        pipeline = text_pipeline(cfg, tokenizer_path, log)
+        data = PackageSnippets.create(pipeline.tokenizer, cfg.model.num_labels,
+                                      cfg.data.seq_len, seed=cfg.data.seed)
+        log(f"classification: which stdlib package a snippet comes from: "
+            f"{', '.join(data.classes)}")
+        return Task(name=self.name,
+                    train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
+                        step, b, seed, share_rows(b, share, n)),
+                    val_batches=lambda b, n: data.val_batches(b, n or 16),
+                    baseline_name="majority class", baseline=1.0 / len(data.classes),
+                    tokenizer=pipeline.tokenizer, pipeline=pipeline)
+
+    def logits(self, model: Any, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        """-> [B, 1, C]: the pooled classifier's logits, aligned with targets [B, 1]."""
+        logits = model.classify(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                dropout_rng=dropout_rng)
+        return logits[:, None, :]

@@ -1,0 +1,142 @@
+"""Periodic work of the train loop as hooks: metrics, evaluation, checkpoints.
+
+A hook is any object with ``after_step(run, step, metrics)`` (``run``: the loop's
+``jaxformer.train.loop.Run``; ``step``: 1-based, after the update; ``metrics``: the step's
+metrics, still on the device). Each hook decides itself when it acts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import jax
+import numpy as np
+
+from jaxformer import inference
+from jaxformer.models.build import looped
+from jaxformer.train.flops import flops_per_token, mfu, peak_flops
+from jaxformer.train.reporting import format_metrics
+
+if TYPE_CHECKING:  # the loop imports this module; the type only names it
+    from jaxformer.train.loop import Run
+
+Metrics = dict[str, jax.Array]
+
+
+class Hook(Protocol):
+    def after_step(self, run: Run, step: int, metrics: Metrics) -> None: ...
+
+
+class MetricsLogger:
+    """Every ``log.every`` steps (and at the last step): the interval's mean train loss and
+    the last step's metrics, tokens/s and MFU to TensorBoard and the console. Metrics stay on
+    the device until then, so logging does not stall the steps in between."""
+
+    def __init__(self, run: Run, end: int):
+        cfg = run.cfg
+        self.every, self.end = cfg.log.every, end
+        self.pending: list[tuple[int, Metrics]] = []
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops(run.rt.mesh.devices.flat[0], cfg.model.compute_dtype).flops
+        self.last_time, self.last_step = time.perf_counter(), run.start
+
+    def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
+        self.pending.append((step, metrics))
+        if step % self.every and step != self.end:
+            return
+        fetched = jax.device_get(self.pending)
+        self.pending.clear()
+        now = time.perf_counter()
+        elapsed = (now - self.last_time) / (step - self.last_step)
+        self.last_time, self.last_step = now, step
+        for s, m in fetched:
+            run.losses[s] = float(m["loss"])
+        values = self.values(run, step, fetched, elapsed)
+        run.reporter.scalars(step, values, "train")
+        run.bar.set_postfix(loss=f"{values['loss']:.3f}",
+                            tok_s=f"{values['tokens_per_sec']:,.0f}")
+        run.say(f"step {step:>6} | {format_metrics(values)}")
+
+    def values(self, run: Run, step: int, fetched: list[tuple[int, dict[str, Any]]],
+               elapsed: float) -> dict[str, float]:
+        m = fetched[-1][1]
+        tps = self.tokens_per_step / elapsed
+
+        def mean(key: str) -> float:
+            return float(np.mean([f[1][key] for f in fetched]))
+
+        values = {"loss": mean("loss"), "accuracy": float(m["accuracy"]), "lr": float(m["lr"]),
+                  "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
+                  "tokens_per_sec": tps, "step_time_s": elapsed,
+                  "mfu": mfu(self.fpt, tps, run.rt.mesh.size, self.peak)}
+        o, model = run.cfg.objective, run.cfg.model
+        if o.label_smoothing or o.z_loss:
+            values.update(nll=mean("nll"), z_loss=mean("z_loss"))
+        if model.n_experts:
+            load = np.mean([f[1]["moe_expert_load"] for f in fetched], axis=0)
+            values.update(moe_balance_loss=mean("moe_load_balance_loss"),
+                          moe_z_loss=mean("moe_router_z_loss"),
+                          moe_dropped=mean("moe_dropped_fraction"),
+                          moe_max_load=float(load.max() * len(load)))
+            run.reporter.expert_load(step, load)
+        return values
+
+
+class Evaluator:
+    """Every ``eval.every`` steps and at ``train.steps``: the validation loss, perplexity and
+    accuracy, plus the metrics the objective computes by decoding (``decode_metrics``)."""
+
+    def __init__(self, run: Run):
+        self.every, self.end = run.cfg.eval.every, run.cfg.train.steps
+
+    def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
+        if step % self.every and step != self.end:
+            return
+        ev = evaluate(run, run.state.params)
+        run.evals[step] = ev
+        run.reporter.scalars(step, ev, "eval")
+        extra = "".join(f" | {name.replace('_', ' ')} {ev[name]:.3f}"
+                        for name in run.objective.decode_metrics)
+        run.say(f"step {step:>6} | eval loss {ev['loss']:.4f} | perplexity "
+                f"{ev['perplexity']:.2f} | accuracy {ev['accuracy']:.3f}{extra}"
+                f"{run.baseline_note}")
+
+
+def evaluate(run: Run, params: Any) -> dict[str, float]:
+    """Loss, perplexity and accuracy over ``eval.batches`` validation batches (0: all)."""
+    cfg = run.cfg
+    sums = np.zeros(3)
+    for batch in run.task.val_batches(cfg.train.batch_size, cfg.eval.batches or None):
+        out = run.rt.eval_step(params, run.rt.put_batch(batch))
+        sums += [float(out["nll_sum"]), float(out["weight_sum"]), float(out["correct_sum"])]
+    loss = sums[0] / max(sums[1], 1.0)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "accuracy": sums[2] / max(sums[1], 1.0)}
+    if run.objective.decode_metrics:
+        _, view, view_params = looped(cfg.model, host_params(params))
+        for name in run.objective.decode_metrics:
+            result[name] = inference.DECODE_METRICS[name](cfg, view, view_params, run.task)
+    return result
+
+
+class CheckpointSaver:
+    """Every ``checkpoint.every`` steps and at the invocation's last step ``end``."""
+
+    def __init__(self, end: int):
+        self.end = end
+
+    def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
+        if step % run.cfg.checkpoint.every == 0 or step == self.end:
+            run.save()
+
+
+def host_params(params: Any) -> Any:
+    """The full parameters as host arrays on every process (a collective with several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
