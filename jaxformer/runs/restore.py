@@ -1,0 +1,59 @@
+"""Opening a run dir: its config and the weights of its latest (or a chosen) checkpoint.
+
+Sampling, export, ``train.init_from`` and attention maps all start here. Only the parameters
+are read (no optimizer state), onto one device, in the looped layout (blocks as a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxformer.config import Config
+from jaxformer.errors import UserError
+from jaxformer.models.build import abstract_model, looped
+from jaxformer.runs import rundir
+from jaxformer.runs.checkpoint import Checkpointer
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The config of the run in ``run_dir``; a UserError when it is not a run dir."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory (expected a jaxformer run dir)")
+    cfg = rundir.read_config(run_dir)
+    if cfg is None:
+        raise UserError(f"{run_dir} is not a jaxformer run dir (no {rundir.CONFIG_FILE})")
+    return cfg
+
+
+def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, dict[str, Any]]:
+    """-> (the run's config, the parameters of its latest checkpoint or of ``step``), with the
+    blocks as a list (a run trained with scanned layers comes back with scan_layers off)."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise UserError(f"{run_dir} has no checkpoint yet")
+        if step is not None and step not in ckpt.manager.all_steps():
+            raise UserError(f"{run_dir} has no checkpoint at step {step} "
+                            f"(have {sorted(ckpt.manager.all_steps())})")
+        params = ckpt.restore_params(abstract_params(cfg), latest if step is None else step)
+    finally:
+        ckpt.close()
+    model_cfg, _, params = looped(cfg.model, params)
+    return dataclasses.replace(cfg, model=model_cfg), params
+
+
+def abstract_params(cfg: Config) -> dict[str, Any]:
+    """The run's parameter shapes as ShapeDtypeStructs on the first local device."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = nnx.to_pure_dict(abstract_model(cfg.model)[1])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        template)
