@@ -6,12 +6,12 @@ whitespace) encodes without unknown tokens and decodes back exactly.
 
 import os
 import pathlib
+import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxformer.data.cache import atomic_write_text
 from jaxformer.data.errors import DataError
 
 EOS = "<|endoftext|>"
@@ -51,8 +51,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write `tok` as a tokenizer.json file, atomically (temp file then rename)."""
-    atomic_write_text(pathlib.Path(path), tok.to_str())
+    """Write `tok` as a tokenizer.json file, atomically (temp file then rename).
+
+    The file gets the mode any new file gets (0666 less the umask, usually 0644): it is a
+    shareable part of a run dir, unlike mkstemp's private 0600.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # a plain create applies the umask
+            f.write(tok.to_str())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

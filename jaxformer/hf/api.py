@@ -18,7 +18,12 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
 from jaxformer.hf import bert, gpt2, llama, mistral, t5, tokens
-from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_dir, write_hf_dir
+from jaxformer.hf.checkpoint_io import (
+    HFConversionError,
+    read_hf_config,
+    read_hf_dir,
+    write_hf_dir,
+)
 from jaxformer.hf.mapping import export_tensors, flatten, import_tensors, unflatten_like
 from jaxformer.models.build import abstract_model
 
@@ -136,10 +141,25 @@ def from_pretrained(directory: Path | str) -> PretrainedModel:
     hf_cfg, tensors = read_hf_dir(directory)
     model_type = hf_cfg.get("model_type", "")
     family = family_of(model_type)
+    cfg = _model_config(family, hf_cfg, tensors)
+    return PretrainedModel(cfg, params_from_tensors(family, cfg, tensors), model_type)
+
+
+def pretrained_config(directory: Path | str) -> ModelConfig:
+    """The model config ``from_pretrained`` would give, reading the tensors only for a family
+    whose layout they settle (T5's head)."""
+    hf_cfg = read_hf_config(directory)
+    family = family_of(hf_cfg.get("model_type", ""))
+    tensors = read_hf_dir(directory)[1] if hasattr(family, "config_for_tensors") else {}
+    return _model_config(family, hf_cfg, tensors)
+
+
+def _model_config(family: types.ModuleType, hf_cfg: dict,
+                  tensors: dict[str, np.ndarray]) -> ModelConfig:
     cfg = family.model_config(hf_cfg)
     if hasattr(family, "config_for_tensors"):  # the tensors settle part of the layout
         cfg = family.config_for_tensors(cfg, tensors)
-    return PretrainedModel(cfg, params_from_tensors(family, cfg, tensors), model_type)
+    return cfg
 
 
 def params_from_tensors(family: types.ModuleType, cfg: ModelConfig,

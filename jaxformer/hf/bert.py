@@ -13,11 +13,13 @@ from __future__ import annotations
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
 from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
+from jaxformer.hf.tokens import known
 from jaxformer.models import presets
 
 MODEL_TYPE = "bert"
 MLM_ARCHITECTURE = "BertForMaskedLM"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+GENERATES = False  # an encoder: no generation_config.json
 
 # hidden_act in config.json <-> our activation names.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -82,6 +84,11 @@ def hf_config(cfg: ModelConfig) -> dict:
     else:
         out["architectures"] = [MLM_ARCHITECTURE]
     return out
+
+
+def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
+    """BERT's config names padding only (its own [PAD] is 0)."""
+    return known(pad_token_id=pad)
 
 
 # What a BERT checkpoint can hold: every other value of these keys has no BERT counterpart.

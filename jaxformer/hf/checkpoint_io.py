@@ -22,16 +22,22 @@ class HFConversionError(UserError):
     """A Hugging Face directory or model that cannot be converted (one-line message)."""
 
 
-def read_hf_dir(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
-    """-> (config.json as a dict, {tensor name: array}) of a ``save_pretrained`` directory."""
+def read_hf_config(directory: Path | str) -> dict:
+    """config.json of a ``save_pretrained`` directory, as a dict."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise HFConversionError(f"{directory} has no config.json (not a save_pretrained directory)")
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise HFConversionError(f"{config_path} is not valid JSON: {e}") from e
+
+
+def read_hf_dir(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
+    """-> (config.json as a dict, {tensor name: array}) of a ``save_pretrained`` directory."""
+    directory = Path(directory)
+    config = read_hf_config(directory)
     if (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
     elif (directory / INDEX_FILE).is_file():

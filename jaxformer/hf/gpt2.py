@@ -12,9 +12,11 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
 from jaxformer.hf.mapping import Rule
+from jaxformer.hf.tokens import known
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"
+GENERATES = True  # exports a generation_config.json
 
 
 def _fused_qkv(*qkv: np.ndarray) -> np.ndarray:
@@ -53,6 +55,12 @@ def hf_config(cfg: ModelConfig) -> dict:
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
             "initializer_range": cfg.init_std, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
             "attn_pdrop": 0.0, "tie_word_embeddings": True, "use_cache": True}
+
+
+def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
+    """GPT-2 begins and ends documents with end-of-text (its own is 50256); jaxformer packs
+    documents the same way, so a document starts after one."""
+    return known(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
 
 
 # What a GPT-2 checkpoint can hold: every other value of these keys has no GPT-2 counterpart.

@@ -13,10 +13,12 @@ from typing import Any
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
 from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
+from jaxformer.hf.tokens import known
 from jaxformer.models import presets
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
+GENERATES = True  # exports a generation_config.json
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -62,6 +64,12 @@ def hf_config(cfg: ModelConfig, model_type: str = MODEL_TYPE,
     if model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window or None
     return out
+
+
+def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
+    """Llama's own begin (<s>, 1) and end (</s>, 2) tokens become the end-of-text token: a
+    jaxformer document starts after one and ends with one."""
+    return known(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
 
 
 # Every other value of these keys has no Llama counterpart.

@@ -10,6 +10,7 @@ from jaxformer.hf.mapping import Rule
 
 MODEL_TYPE = "mistral"
 ARCHITECTURE = "MistralForCausalLM"
+GENERATES = True  # exports a generation_config.json
 
 
 def model_config(hf: dict[str, Any]) -> ModelConfig:
@@ -18,6 +19,10 @@ def model_config(hf: dict[str, Any]) -> ModelConfig:
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return llama.hf_config(cfg, MODEL_TYPE, ARCHITECTURE)
+
+
+def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
+    return llama.special_token_ids(eos, pad)
 
 
 def check_exportable(cfg: ModelConfig) -> None:

@@ -1,8 +1,8 @@
 """``jaxformer convert``: Hugging Face directory <-> jaxformer run dir.
 
 A converted run dir holds the config, the tokenizer (when the Hugging Face directory has a
-``tokenizer.json``) and a step-0 checkpoint, so ``jaxformer sample`` decodes from it and
-``jaxformer train`` can fine-tune from it (``--set train.init_from=RUN_DIR``).
+``tokenizer.json``) and a step-0 weights-only checkpoint, so ``jaxformer sample`` decodes from
+it and ``jaxformer train`` can fine-tune from it (``--set train.init_from=RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jax.numpy as jnp
+from tokenizers import Tokenizer
 
 from jaxformer.config import Config, DataConfig, ModelConfig, ObjectiveConfig
 from jaxformer.errors import UserError
 from jaxformer.hf.api import from_pretrained, save_pretrained
-from jaxformer.train import rundir
-from jaxformer.train.checkpoint import Checkpointer
-from jaxformer.train.optimizer import make_optimizer
-from jaxformer.train.state import TrainState
+from jaxformer.runs import rundir
+from jaxformer.runs.checkpoint import Checkpointer
+from jaxformer.runs.restore import load_run
 
 TOKENIZER_FILE = "tokenizer.json"  # the name both transformers and jaxformer use
 
@@ -43,26 +42,31 @@ def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
     cfg = Config(name=out.name, model=model.config,
                  data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)),
                  objective=ObjectiveConfig(kind=_objective_of(model.config)))
-    tx = make_optimizer(cfg.train, cfg.model.d_model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=model.params,
-                       opt_state=tx.init(model.params))
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_config(out, cfg)
     if (hf_dir / TOKENIZER_FILE).is_file():
         shutil.copyfile(hf_dir / TOKENIZER_FILE, out / rundir.TOKENIZER_FILE)
     ckpt = Checkpointer(out / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
-    ckpt.save(state, {"config": rundir.config_lib.to_dict(cfg), "converted_from": str(hf_dir)})
+    ckpt.save_params(0, model.params, {"config": rundir.config_lib.to_dict(cfg),
+                                       "converted_from": str(hf_dir)})
     ckpt.close()
     return cfg
 
 
 def run_dir_to_hf(run_dir: Path | str, out: Path | str, step: int | None = None) -> None:
-    """Writes a transformers directory from a run dir's latest checkpoint (or ``step``)."""
-    from jaxformer.inference.restore import load_run
-
+    """Writes a transformers directory from a run dir's latest checkpoint (or ``step``), with
+    the run's tokenizer and its special-token ids when the run has one."""
     run_dir, out = Path(run_dir), Path(out)
     _refuse_existing(out)
     cfg, params = load_run(run_dir, step)
-    save_pretrained((cfg.model, params), out)
-    if (run_dir / rundir.TOKENIZER_FILE).is_file():
-        shutil.copyfile(run_dir / rundir.TOKENIZER_FILE, out / TOKENIZER_FILE)
+    save_pretrained((cfg.model, params), out, tokenizer=_run_tokenizer(run_dir))
+
+
+def _run_tokenizer(run_dir: Path) -> Tokenizer | None:
+    path = run_dir / rundir.TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for an unreadable file
+        raise UserError(f"cannot read the run's tokenizer {path}: {str(e).strip()[:200]}") from e

@@ -22,10 +22,12 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
 from jaxformer.hf.mapping import Rule, in_major, out_major, transpose
+from jaxformer.hf.tokens import known
 from jaxformer.models import presets
 
 MODEL_TYPE = "t5"
 ARCHITECTURE = "T5ForConditionalGeneration"
+GENERATES = True  # exports a generation_config.json
 
 # feed_forward_proj -> our activation (transformers maps "gated-gelu" to gelu_new, the tanh form).
 ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu_tanh", "gelu": "gelu",
@@ -84,6 +86,13 @@ def hf_config(cfg: ModelConfig) -> dict:
             "scale_decoder_outputs": cfg.tie_embeddings and cfg.scale_tied_logits,
             "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
             "use_cache": True}
+
+
+def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
+    """T5's conventions with the run's tokens: no begin token, the decoder starts from the
+    padding token (as jaxformer's span corruption and seq2seq do). Without a tokenizer the
+    export keeps T5's own ids (pad 0, eos 1)."""
+    return known(eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad)
 
 
 # What a T5 checkpoint can hold: every other value of these keys has no T5 counterpart.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from jaxformer.errors import UserError
@@ -26,6 +27,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("runs", help="a table of the runs under a directory")
     p.add_argument("directory", type=Path, metavar="DIR")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, metavar="FILE",
+                     help="also write the table to FILE: .csv (exact values) or .md (markdown)")
+    out.add_argument("--write", action="store_true",
+                     help="also write DIR/runs.csv and DIR/runs.md")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -39,25 +45,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep_dir = args.sweep_dir or runner.default_sweep_dir(sweep)
     n = len(sweep.points)
     if args.dry_run:
-        print(f"{n} point(s) of {args.experiment} in {sweep_dir} (dry run, nothing started):")
+        print(f"{n} point(s) of {args.experiment} in {sweep_dir} (dry run, nothing started), "
+              "each with its run dir and every --set it trains with:")
         for point in sweep.points:
             done = runner.checkpoint_step(sweep_dir / point.name)
             state = ("finished" if done >= point.cfg.train.steps else
                      f"at step {done}/{point.cfg.train.steps}" if done else "not started")
+            # Every --set the point's `jaxformer train` gets: the command line's, then its own.
+            sets = [*sweep.base_overrides, *point.args]
             print(f"  [{point.index + 1}/{n}] {sweep_dir / point.name}  "
-                  f"{' '.join(point.args) or '(no overrides)'}  ({state})")
+                  f"{shlex.join(sets) or '(no overrides)'}  ({state})")
         return 0
     if args.emit:
         from jaxformer.sweep.emit import emit
+        from jaxformer.sweep.hparams import write_sweep_hparams
 
         runner.write_sweep_file(sweep, sweep_dir)
+        write_sweep_hparams(sweep, sweep_dir)
         path = emit(sweep, sweep_dir, args.emit)
         how = f"sbatch {path}" if args.emit == "slurm" else f"TPU_NAME=... bash {path}"
         print(f"wrote {path} ({n} point(s)); run it with: {how}")
         return 0
     results = runner.run_sweep(sweep, sweep_dir, args.parallel)
     try:
-        print(runs_table(sweep_dir)[1])
+        print(runs_table(sweep_dir, write=True)[1])  # the sweep dir is the sweep's own output
     except UserError as e:  # e.g. every point failed before writing its run dir
         print(f"no runs table: {e}")
     bad = [name for name, result in results.items() if result == "failed"]
@@ -71,10 +82,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from jaxformer.sweep.table import runs_table
+    from jaxformer.sweep.table import check_table_path, runs_table, write_table
 
-    _, text = runs_table(args.directory)
+    if args.out is not None:
+        check_table_path(args.out)
+    rows, text = runs_table(args.directory, write=args.write)
     print(text)
+    if args.out is not None:
+        print(f"\nwrote {write_table(args.out, rows)}")
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxformer import config as config_lib
+from jaxformer import objectives  # noqa: F401 - registers objective.kind and its checks
 from jaxformer.config import Config, ConfigError
 
 SweepPoint = dict[str, object]

@@ -44,28 +44,33 @@ class Reporter:
             bucket_limits=(idx + 0.5).tolist(), bucket_counts=load.tolist(), global_step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
+        """``text`` verbatim in TensorBoard's TEXT tab (which renders Markdown): as a code
+        block, so newlines, indentation and characters like ``#``, ``*``, ``<`` survive."""
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            self.writer.add_text(tag, markdown_code_block(text), step)
 
-    def hparams(self, hparams: dict[str, float | int | str | bool],
-                metrics: dict[str, float]) -> None:
-        """Writes TensorBoard's hparams-plugin records into this run's own event file.
+    def hparams(self, hparams: dict[str, float | int | str | bool]) -> None:
+        """Writes this run's session record for TensorBoard's HPARAMS tab (its hparams, and
+        that it ended) into the run's own event file, next to its scalars; the tab shows the
+        last value of each scalar tag as the run's metrics.
 
-        ``metrics`` maps scalar tags the run already logs (``eval/loss``...) to their final
-        values; the HPARAMS tab shows each tag's last logged value next to the hparams.
+        No *experiment* record (which columns the tab offers): with none, TensorBoard builds
+        it from all sessions and marks the keys whose values differ; a sweep writes its own
+        (``jaxformer.sweep.hparams``), which one per run would override at random.
         """
         if self.writer is None:
             return
-        for summary in tensorboardX.summary.hparams(hparams, metrics):
+        _, start, end = tensorboardX.summary.hparams(hparams, {})
+        for summary in (start, end):
             self.writer.file_writer.add_summary(summary)
 
     def final_hparams(self, cfg: Config, eval_metrics: dict[int, dict[str, float]],
                       losses: dict[int, float]) -> None:
-        """``hparams`` of the config with the last eval metrics and train loss of the run
-        (nothing when this invocation trained nothing: the earlier event file has them)."""
+        """``hparams`` of the config, when this invocation trained (else the earlier event
+        file has them)."""
         if not eval_metrics and not losses:
             return
-        self.hparams(flat_hparams(cfg), final_metrics(eval_metrics, losses))
+        self.hparams(flat_hparams(cfg))
 
     def line(self, text: str) -> None:
         self.echo(text)
@@ -79,7 +84,14 @@ class Reporter:
             self.writer.close()
 
 
-# Scalar tags the hparams view compares runs by (the eval ones only where the run evaluated).
+def markdown_code_block(text: str) -> str:
+    """``text`` as an indented Markdown code block (4 spaces before every line): shown as
+    typed, whatever it holds (unlike a ``` fence, which text with backticks could close).
+    Markdown expands tabs to 4-column stops; leading and trailing blank lines are dropped."""
+    return "\n".join("    " + line for line in text.split("\n"))
+
+
+# Scalar tags a sweep's hparams view compares its runs by (jaxformer.sweep.hparams).
 HPARAM_METRICS = ("eval/loss", "eval/accuracy", "eval/perplexity", "train/loss")
 
 
@@ -99,19 +111,6 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
     return walk(to_dict(cfg), "")
 
 
-def final_metrics(eval_metrics: dict[int, dict[str, float]],
-                  losses: dict[int, float]) -> dict[str, float]:
-    """{tag: final value} of ``HPARAM_METRICS``: the last eval's metrics and train loss."""
-    values: dict[str, float] = {}
-    if eval_metrics:
-        last = eval_metrics[max(eval_metrics)]
-        values.update({f"eval/{k}": float(last[k]) for k in ("loss", "accuracy", "perplexity")
-                       if k in last})
-    if losses:
-        values["train/loss"] = float(losses[max(losses)])
-    return {tag: values[tag] for tag in HPARAM_METRICS if tag in values}
-
-
 def format_metrics(values: dict[str, float]) -> str:
     parts = []
     for name, value in values.items():
@@ -119,8 +118,8 @@ def format_metrics(values: dict[str, float]) -> str:
             parts.append(f"{name} {value:,.0f}")
         elif name in ("lr",):
             parts.append(f"{name} {value:.2e}")
-        elif name in ("mfu",):
-            parts.append(f"{name} {100 * value:.1f}%")
+        elif name == "mfu_percent":
+            parts.append(f"mfu {value:.1f}%")
         else:
             parts.append(f"{name} {value:.4g}")
     return " | ".join(parts)

@@ -1,5 +1,8 @@
 """Byte-level BPE: exact round trips, special token ids, vocab size, save/load."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -90,6 +93,21 @@ def test_save_and_load(tok, tmp_path):
         encode_documents(loaded, [CODE])[0], encode_documents(tok, [CODE])[0]
     )
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_file_has_the_mode_of_a_plain_new_file(tok, tmp_path, umask):
+    """0666 less the umask (0644 under the usual 022), as ``open(path, "w")`` gives: a run
+    dir's tokenizer is shared with whoever reads the run, not private (mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        save_tokenizer(tok, tmp_path / "tokenizer.json")
+        (tmp_path / "reference.txt").write_text("x")  # what a plain create gives
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "tokenizer.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "reference.txt").stat().st_mode)
+    assert mode == 0o666 & ~umask
 
 
 def test_load_errors_name_the_path(tmp_path):

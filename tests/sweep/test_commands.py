@@ -3,6 +3,8 @@ runs table of run dirs in every state, and how parallel points split the machine
 
 from __future__ import annotations
 
+import csv
+import math
 import subprocess
 
 import pytest
@@ -10,9 +12,17 @@ import pytest
 from jaxformer import config as config_lib
 from jaxformer.cli import main
 from jaxformer.config import Config
+from jaxformer.runs import rundir
 from jaxformer.sweep.runner import ATTEMPT_MARK, EXIT_MARK, slot_env
-from jaxformer.sweep.table import collect_runs, format_markdown, format_text
-from jaxformer.train import rundir
+from jaxformer.sweep.table import (
+    COLUMNS,
+    CONSOLE_OVERRIDES_WIDTH,
+    RunRow,
+    collect_runs,
+    format_markdown,
+    format_text,
+)
+from tests.command_line import snapshot
 from tests.sweep.helpers import write_experiment
 
 THREE = 'grid(**{"train.lr": [0.001, 0.003, 0.01]})'
@@ -60,6 +70,23 @@ def test_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
     for name, lr in (("lr=0.001", "0.001"), ("lr=0.003", "0.003"), ("lr=0.01", "0.01")):
         assert str(sweep_dir / name) in out and f"train.lr={lr}" in out
     assert out.count("not started") == 3
+    assert not sweep_dir.exists()
+
+
+def test_dry_run_shows_every_override_each_point_trains_with(tmp_path, capsys):
+    """The command line's --set and the point's own, in the order `jaxformer train` gets them
+    (a value with spaces quoted as a shell would need it)."""
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    sweep_dir = tmp_path / "sweep"
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--set", "train.steps=3",
+                           "--set", 'sample.prompts=["a b"]', "--sweep-dir", str(sweep_dir),
+                           "--dry-run")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("  [")]
+    assert len(lines) == 3
+    for line, lr in zip(lines, ("0.001", "0.003", "0.01"), strict=True):
+        assert (f"  train.steps=3 'sample.prompts=[\"a b\"]' train.lr={lr}  (not started)"
+                in line), line
     assert not sweep_dir.exists()
 
 
@@ -124,11 +151,63 @@ def test_runs_table_states_without_a_sweep_file(tmp_path, capsys):
     assert rows["resumed_ok"].status == "partial 2/4"  # only the last attempt counts
     assert rows["new"].status == "not started" and rows["new"].steps == 0
     assert rows["done"].overrides == "train.lr=0.1"  # the keys that differ between runs
+    before = snapshot(tmp_path)
     code, out, _ = run_cli(capsys, "runs", str(tmp_path))
     assert code == 0 and "partial 2/4" in out
-    assert (tmp_path / "runs.csv").read_text().count("\n") == 5
+    assert snapshot(tmp_path) == before  # reading runs writes nothing into them
     assert format_markdown(list(rows.values())).count("\n") == 6
-    assert len({len(line) for line in format_text(list(rows.values())).splitlines()}) >= 1
+
+
+def test_runs_text_table_aligns_every_column():
+    """Each cell of a text column starts where its header starts; each number ends where its
+    header ends; over-long overrides are cut to the console width."""
+    nan = math.nan
+    rows = [RunRow("a", "train.lr=0.1", "finished", 4, 2.5, 2.75, 0.5, 12345.0),
+            RunRow("a_much_longer_name", "x" * 80, "partial 2/4", 120, nan, nan, nan, nan),
+            RunRow("mid", "", "not started", 0)]
+    cells = [  # written out by hand: what each row must show, column by column
+        ["a", "train.lr=0.1", "finished", "4", "2.5000", "2.7500", "0.5000", "12,345"],
+        ["a_much_longer_name", "x" * 57 + "...", "partial 2/4", "120", "-", "-", "-", "-"],
+        ["mid", "", "not started", "0", "-", "-", "-", "-"]]
+    header, *lines = format_text(rows).splitlines()
+    assert len(lines) == 3
+    starts = [header.index(name) for name in COLUMNS]
+    assert starts == sorted(starts) and starts[0] == 0
+    for i, name in enumerate(COLUMNS):
+        text = name in ("run", "overrides", "status")  # left-aligned; numbers right-aligned
+        for line, row in zip(lines, cells, strict=True):
+            cell = row[i]
+            if text:
+                at = starts[i]
+                assert line[at:at + len(cell)] == cell, (name, line)
+                assert line[at + len(cell):at + len(cell) + 1] in ("", " "), (name, line)
+            else:
+                end = starts[i] + len(name)
+                assert line[end - len(cell):end] == cell, (name, line)
+                assert line[end - len(cell) - 1] == " ", (name, line)
+    assert len(lines[1].split()[1]) == CONSOLE_OVERRIDES_WIDTH
+
+
+def test_runs_writes_the_table_only_on_request(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = config_lib.apply_overrides(Config(), ["train.steps=4"])
+    fake_run(runs / "a", config_lib.apply_overrides(base, ["train.lr=0.1"]), [2, 4])
+    fake_run(runs / "b", config_lib.apply_overrides(base, ["train.lr=0.2"]), [2])
+    code, out, _ = run_cli(capsys, "runs", str(runs), "--out", str(tmp_path / "t.csv"))
+    assert code == 0 and "partial 2/4" in out and f"wrote {tmp_path / 't.csv'}" in out
+    with open(tmp_path / "t.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["run"], r["overrides"], r["status"]) for r in table] == [
+        ("a", "train.lr=0.1", "finished"), ("b", "train.lr=0.2", "partial 2/4")]
+    assert not (runs / "runs.csv").exists() and not (runs / "runs.md").exists()
+    code, _, _ = run_cli(capsys, "runs", str(runs), "--out", str(tmp_path / "t.md"))
+    assert code == 0
+    assert (tmp_path / "t.md").read_text().splitlines()[0].startswith("| run | overrides |")
+    code, out, _ = run_cli(capsys, "runs", str(runs), "--write")
+    assert code == 0 and f"wrote {runs / 'runs.csv'} and {runs / 'runs.md'}" in out
+    assert (runs / "runs.csv").read_text() == (tmp_path / "t.csv").read_text()
+    code, _, err = run_cli(capsys, "runs", str(runs), "--out", str(tmp_path / "t.txt"))
+    assert_one_line_error(code, err, "t.txt", ".csv or a .md")
 
 
 def test_runs_of_a_directory_without_runs(tmp_path, capsys):
