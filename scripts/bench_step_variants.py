@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
 
+    from bench_worker import BENCHMARK_GPT
+
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step, timed_step
+    from jaxformer.train.bench import compiled_step, timed_step
 
     base = " ".join(BENCHMARK_GPT) if args.base is None else args.base
     runs = {}
@@ -53,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         result[variant] = {"median_s": med, "min_s": best}
         print(f"{variant:45s} median {med:.3f} s  min {best:.3f} s")
     print(json.dumps({"rounds": args.rounds, "base": base,
-                      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "variants": result}))
+                      "malloc_tuning": os.environ.get("JAXFORMER_MALLOC_TUNING"),
+                      "variants": result}))
     return 0
 
 
 if __name__ == "__main__":
-    # the same malloc setting as the ``jaxformer`` command (jaxformer/malloc_tuning.py)
-    from jaxformer.malloc_tuning import reexec_with_malloc_tuning
+    # Heap reuse across steps (jaxformer/malloc_tuning.py), as the benchmarks in
+    # docs/benchmarks.md were run, before JAX starts its threads; JAXFORMER_MALLOC_TUNING=0
+    # times the steps with glibc's defaults instead.
+    from jaxformer.malloc_tuning import tune_for_cpu_steps
 
-    reexec_with_malloc_tuning([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    os.environ.setdefault("JAXFORMER_MALLOC_TUNING", "1")
+    tune_for_cpu_steps()
     sys.exit(main())

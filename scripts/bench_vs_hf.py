@@ -19,7 +19,7 @@ JAX side
     ``python -m jaxformer.cli bench EXPERIMENT --steps N --warmup W --set ...`` in a
     subprocess; the last stdout line is a JSON object with ``params``,
     ``tokens_per_sec``, ``step_time_s`` (median), ``compile_s``,
-    ``flops_per_token``, ``mfu``, ``device``, ``peak_flops`` (compilation is
+    ``flops_per_token``, ``mfu_percent``, ``device``, ``peak_flops`` (compilation is
     outside the timed steps and reported as ``compile_s``). XLA's CPU backend
     uses every core it sees; on the 2-core benchmark machine that equals
     ``--threads 2``. A warning is printed when the two differ.
@@ -27,10 +27,10 @@ JAX side
 Timing order
     By default all PyTorch steps are timed first, then the ``jaxformer bench`` subprocess.
     With ``--interleave`` both sides are alive at once and take turns, one step each (the
-    jaxformer side in a worker subprocess running ``jaxformer.train.bench.serve_steps`` on
+    jaxformer side in a worker subprocess running ``bench_worker.serve_steps`` on
     the same experiment and overrides), so a machine whose speed drifts slows both alike.
-    Both sides run under the ``jaxformer`` command's malloc setting
-    (jaxformer/malloc_tuning.py) unless ``--default-malloc``.
+    Both sides reuse the heap across steps (``JAXFORMER_MALLOC_TUNING=1``,
+    jaxformer/malloc_tuning.py) unless ``--default-malloc``.
 
 FLOP accounting (same formula as jaxformer)::
 
@@ -231,7 +231,7 @@ def bench_torch(args: argparse.Namespace, peak_flops: float) -> dict[str, Any]:
         "loadavg_1m_after": os.getloadavg()[0],
         "tokens_per_sec": tps,
         "peak_flops": peak_flops,
-        "mfu": facts["flops_per_token"] * tps / peak_flops,
+        "mfu_percent": 100 * facts["flops_per_token"] * tps / peak_flops,
         "first_loss": first_loss,
         "last_loss": loss,
     }
@@ -285,7 +285,8 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         result = json.loads(lines[-1])
     except json.JSONDecodeError as e:
         raise RuntimeError(f"last stdout line of jaxformer bench is not JSON: {lines[-1]!r}") from e
-    missing = {"params", "tokens_per_sec", "step_time_s", "mfu", "peak_flops"} - result.keys()
+    missing = ({"params", "tokens_per_sec", "step_time_s", "mfu_percent", "peak_flops"}
+               - result.keys())
     if missing:
         raise RuntimeError(f"jaxformer bench JSON lacks keys {sorted(missing)}: {result}")
     result["impl"] = "jaxformer (JAX/XLA)"
@@ -301,9 +302,10 @@ INTERLEAVE_PAUSE_S = 0.05
 
 def jax_worker(experiment: str, warmup: int, overrides: list[str]) -> None:
     """The jaxformer half of ``--interleave``, run in a subprocess: timed train steps on
-    request (``jaxformer.train.bench.serve_steps``)."""
+    request (``bench_worker.serve_steps``, scripts/bench_worker.py)."""
+    from bench_worker import serve_steps
+
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import serve_steps
 
     serve_steps(apply_overrides(load_experiment(experiment), overrides), warmup)
 
@@ -313,7 +315,7 @@ def bench_interleaved(args: argparse.Namespace, peak_flops: float
     """Both sides alive at once, one step of each in turn (never concurrently): a PyTorch
     step here, then a jaxformer step in the ``jax_worker`` subprocess, ``--steps`` times, so
     that both are timed under the same machine conditions. -> (hf row, jaxformer row)."""
-    from jaxformer.train.bench import read_reply, request_step
+    from bench_worker import read_reply, request_step
 
     step, facts = build_torch_step(args)
     for _ in range(args.warmup):
@@ -345,7 +347,7 @@ def bench_interleaved(args: argparse.Namespace, peak_flops: float
         rows[side] = {**side_facts, "impl": impl, "step_time_s": median,
                       "step_time_min_s": min(times[side]), "step_times_s": times[side],
                       "tokens_per_sec": tps, "peak_flops": peak_flops,
-                      "mfu": side_facts["flops_per_token"] * tps / peak_flops,
+                      "mfu_percent": 100 * side_facts["flops_per_token"] * tps / peak_flops,
                       "last_loss": losses[side]}
     rows["jax"]["command"] = cmd
     return rows["hf"], rows["jax"]
@@ -364,7 +366,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         out.append(
             f"| {r['impl']} | {_fmt_params(r.get('params'))} | {r['step_time_s']:.4f} "
-            f"| {r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% "
+            f"| {r['tokens_per_sec']:,.0f} | {r['mfu_percent']:.1f}% "
             f"| {r['peak_flops'] / 1e9:.1f} |"
         )
     return "\n".join(out)
@@ -393,8 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-repeats", type=int, default=10, help="torch.mm repeats for the peak")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--default-malloc", action="store_true",
-                   help="both sides with glibc's default malloc settings (no heap-reuse "
-                        "tunables, see jaxformer/malloc_tuning.py)")
+                   help="both sides with glibc's default malloc settings (no heap reuse, "
+                        "see jaxformer/malloc_tuning.py)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -494,7 +496,7 @@ def report(args: argparse.Namespace, peak: float, hf: dict[str, Any],
         "jaxformer": jax_res,
         "jaxformer_error": jax_error,
         "skip_jax": args.skip_jax,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "malloc_tuning": os.environ.get("JAXFORMER_MALLOC_TUNING"),
         "ratio_tokens_per_sec_jax_over_hf": ratio,
     }
     line = json.dumps(summary, sort_keys=True)
@@ -506,16 +508,18 @@ def report(args: argparse.Namespace, peak: float, hf: dict[str, Any],
 
 
 if __name__ == "__main__":
+    # Both sides reuse the heap across steps (jaxformer/malloc_tuning.py) unless
+    # --default-malloc, so the comparison measures the frameworks, not the allocator: this
+    # process (the PyTorch side, or the --interleave worker, which inherits the variable)
+    # calls mallopt before torch or JAX start their threads, and the ``jaxformer bench``
+    # subprocess does the same when it sees JAXFORMER_MALLOC_TUNING=1.
+    if "--default-malloc" in sys.argv:
+        os.environ["JAXFORMER_MALLOC_TUNING"] = "0"
+    os.environ.setdefault("JAXFORMER_MALLOC_TUNING", "1")
+    from jaxformer.malloc_tuning import tune_for_cpu_steps
+
+    tune_for_cpu_steps()
     if sys.argv[1:2] == ["--jax-worker"]:  # the subprocess of --interleave
         jax_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
         sys.exit(0)
-    if "--default-malloc" in sys.argv:
-        os.environ["JAXFORMER_MALLOC_TUNING"] = "0"  # also reaches the jaxformer subprocess
-    else:
-        # The PyTorch side runs under the same malloc setting that the ``jaxformer`` command
-        # gives itself (heap reuse across steps, see jaxformer/malloc_tuning.py), so the
-        # comparison measures the frameworks, not the allocator.
-        from jaxformer.malloc_tuning import reexec_with_malloc_tuning
-
-        reexec_with_malloc_tuning([sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
     sys.exit(main())

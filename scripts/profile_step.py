@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import jax
+    from bench_worker import BENCHMARK_GPT
 
     from jaxformer.config import apply_overrides, load_experiment
-    from jaxformer.train.bench import BENCHMARK_GPT, compiled_step, timed_step
+    from jaxformer.train.bench import compiled_step, timed_step
 
     cfg = apply_overrides(load_experiment(args.experiment), [*BENCHMARK_GPT, *args.overrides])
     _, step, state, batch, _ = compiled_step(cfg)

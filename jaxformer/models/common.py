@@ -12,7 +12,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
@@ -143,14 +142,17 @@ class RelativePositionBias(nnx.Module):
                                            init_std=cfg.init_std, param_dtype=pdtype, rngs=rngs)
         else:
             self.module = None
-            self.slopes = np.asarray(alibi_slopes(n), np.float32) if kind == "alibi" else None
+            # ALiBi keeps only the head count: its slopes are a constant of N, computed in
+            # __call__. An array attribute would be module state without logical axes (not a
+            # Param), which the sharding of the abstract train state cannot place.
+            self.n_heads = n
 
     def __call__(self, q_positions: jnp.ndarray, k_positions: jnp.ndarray) -> jnp.ndarray | None:
         """[B, T], [B, S] int -> [B, N, T, S] float32, or None for other encodings."""
         if self.module is not None:
             return self.module(q_positions, k_positions)
         if self.kind == "alibi":
-            return alibi_bias(jnp.asarray(self.slopes), q_positions, k_positions)
+            return alibi_bias(jnp.asarray(alibi_slopes(self.n_heads)), q_positions, k_positions)
         return None
 
 

@@ -2,31 +2,32 @@
 
 Prints progress, then one JSON line (the last line of output) with params, tokens_per_sec,
 step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6·L·T·N·H, see
-``jaxformer.train.flops``), mfu, peak_flops and device.
+``jaxformer.train.flops``), mfu_percent, peak_flops and where that peak came from, device (its
+kind: "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"), the mesh's axis sizes and the memory per
+device in bytes. ``jaxformer bench --measure-peak`` re-measures the cached CPU peak.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxformer.config import Config
-from jaxformer.train.flops import count_params, device_peak_flops, flops_per_token, mfu
+from jaxformer.train.flops import (
+    PeakFlops,
+    count_params,
+    flops_per_token,
+    mfu,
+    peak_flops,
+)
 from jaxformer.train.runtime import Runtime, build_runtime, format_memory
-
-# The GPT of docs/benchmarks.md (the side-by-side with Hugging Face): overrides on
-# experiments/gpt_tiny.py, used by the profiling and round-robin scripts.
-BENCHMARK_GPT = ("model.n_layers=4", "model.d_model=256", "model.n_heads=4",
-                 "model.vocab_size=8192", "data.seq_len=256", "model.max_len=256",
-                 "train.batch_size=8")
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -60,61 +61,37 @@ def timed_step(compiled: Any, state: Any, batch: dict[str, Any]
     return state, metrics, time.perf_counter() - start
 
 
-def read_reply(worker: subprocess.Popen) -> dict[str, Any]:
-    """The next JSON line a ``serve_steps`` worker process wrote (its facts line first)."""
-    line = worker.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the step worker exited with {worker.wait()}")
-    return json.loads(line)
+def measure_peak(dtype: str = "float32") -> PeakFlops:
+    """Re-measures (and re-caches) the default device's peak: the CPU matmul rate; on an
+    accelerator the data-sheet value or ``$JAXFORMER_PEAK_FLOPS``, which nothing measures."""
+    return peak_flops(jax.devices()[0], dtype, remeasure=True)
 
 
-def request_step(worker: subprocess.Popen) -> dict[str, Any]:
-    """Asks a ``serve_steps`` worker process for one timed step and returns its reply."""
-    try:
-        worker.stdin.write("\n")
-        worker.stdin.flush()
-    except BrokenPipeError:
-        pass  # the worker has exited; read_reply says so with its exit status
-    return read_reply(worker)
+def _round(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: timings on a shared machine vary in the second
+    digit, so the rest is noise that makes the JSON hard to read."""
+    if not math.isfinite(x) or x == 0:
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
-def serve_steps(cfg: Config, warmup: int = 3, requests: IO[str] = sys.stdin,
-                replies: IO[str] = sys.stdout) -> None:
-    """Timed train steps on request, for benchmark scripts that interleave the steps of
-    several processes (``scripts/bench_malloc.py``, ``scripts/bench_vs_hf.py --interleave``).
-
-    Compiles the config's train step on a synthetic batch and runs ``warmup`` steps; writes a
-    JSON line ``{"params", "flops_per_token", "compile_s"}``; then, for each line read from
-    ``requests``, runs one step and writes ``{"s": seconds, "loss", "faults": minor page
-    faults during the step, "maxrss_mib": the process's peak resident memory}``.
-    """
-    import resource
-
-    _, compiled, state, batch, compile_s = compiled_step(cfg)
-    for _ in range(warmup):
-        state, _, _ = timed_step(compiled, state, batch)
-
-    def reply(obj: dict[str, Any]) -> None:
-        replies.write(json.dumps(obj) + "\n")
-        replies.flush()
-
-    reply({"params": count_params(state.params), "compile_s": compile_s,
-           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)})
-    for _ in requests:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        state, metrics, elapsed = timed_step(compiled, state, batch)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        reply({"s": elapsed, "loss": float(metrics["loss"]),
-               "faults": usage.ru_minflt - faults, "maxrss_mib": usage.ru_maxrss / 1024})
+def _memory_json(report: dict[str, float]) -> dict[str, int | float]:
+    """Byte counts (and the device count) as integers; fractions to 4 significant digits."""
+    return {k: int(v) if k.endswith("_bytes") or k == "devices" else _round(v)
+            for k, v in report.items()}
 
 
-def bench(cfg: Config, steps: int, warmup: int = 2,
-          echo: Callable[[str], None] = print) -> dict[str, Any]:
+def bench(cfg: Config, steps: int, warmup: int = 2, echo: Callable[[str], None] = print,
+          remeasure_peak: bool = False) -> dict[str, Any]:
+    """Times ``steps`` train steps after ``warmup`` untimed ones -> the JSON line's fields.
+    ``remeasure_peak``: measure the CPU peak again instead of reading it from the cache."""
     rt, compiled, state, batch, compile_s = compiled_step(cfg)
     mesh = rt.mesh
+    device = mesh.devices.flat[0]
+    peak = peak_flops(device, cfg.model.compute_dtype, remeasure=remeasure_peak)
     memory = rt.memory_report(state, compiled)
-    echo(f"compiled in {compile_s:.1f}s; {format_memory(memory)}; {warmup} warm-up + {steps} "
-         "timed steps")
+    echo(f"compiled in {compile_s:.1f}s; {format_memory(memory)}; {peak.describe()}; "
+         f"{warmup} warm-up + {steps} timed steps")
 
     times = []
     for i in range(warmup + steps):
@@ -124,25 +101,25 @@ def bench(cfg: Config, steps: int, warmup: int = 2,
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / step_time
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    device = mesh.devices.flat[0]
-    peak = device_peak_flops(device, cfg.model.compute_dtype)
     return {
         "params": count_params(state.params),
-        "tokens_per_sec": tokens_per_sec,
-        "step_time_s": step_time,
-        "step_time_min_s": min(times),
-        "compile_s": compile_s,
-        "flops_per_token": fpt,
-        "mfu": mfu(fpt, tokens_per_sec, mesh.size, peak),
-        "peak_flops": peak,
-        "n_devices": mesh.size,
-        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "tokens_per_sec": _round(tokens_per_sec),
+        "step_time_s": _round(step_time),
+        "step_time_min_s": _round(min(times)),
+        "compile_s": _round(compile_s, 3),
+        "flops_per_token": int(fpt),
+        "mfu_percent": _round(100 * mfu(fpt, tokens_per_sec, mesh.size, peak.flops), 3),
+        "peak_flops": _round(peak.flops),
+        "peak_flops_source": peak.source,
+        "n_devices": int(mesh.size),
+        "device": getattr(device, "device_kind", "") or device.platform,
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.data.seq_len,
         "compute_dtype": cfg.model.compute_dtype,
-        "final_loss": float(metrics["loss"]),
-        "mesh": {a: n for a, n in mesh.shape.items() if n > 1},
-        "memory": memory,
+        "final_loss": _round(float(metrics["loss"]), 5),
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+        "mesh_preset": cfg.mesh.preset,
+        "memory": _memory_json(memory),
     }
 
 

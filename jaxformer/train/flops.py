@@ -17,7 +17,10 @@ FLOPs per trained token (PaLM appendix B convention, causal attention halved):
   (top_k + shared experts) · 2·D·F_expert (3· gated) plus the D·E router, not all E experts.
   The dispatch/combine einsums of the capacity path are overhead, not model FLOPs.
 
-MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used.
+MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used (``mfu`` returns the
+fraction; logs and ``jaxformer bench`` print it as a percentage). The peak (``peak_flops``) is
+a stated one (``$JAXFORMER_PEAK_FLOPS``), a data-sheet value for known accelerators, or on CPU a
+matmul rate measured once per machine and cached, so that runs on one machine are comparable.
 
 The formula is the decoder-only one. For encoder and encoder-decoder models (tokens counted on
 the encoder side) it is an approximation: it leaves out the decoder stack and cross-attention of
@@ -26,16 +29,22 @@ encoder-decoders and does not double the attention term for bidirectional attent
 
 from __future__ import annotations
 
-import functools
+import json
+import math
 import os
+import platform
 import time
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import ModelConfig
+from jaxformer.data.cache import atomic_write_text, resolve_cache_dir
+from jaxformer.errors import UserError
 from jaxformer.nn.feedforward import GATED_ACTIVATIONS
 
 # Dense peak FLOP/s per chip from vendor data sheets, by dtype.
@@ -78,35 +87,150 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + attention
 
 
-def device_peak_flops(device: jax.Device, dtype: str = "float32") -> float:
-    """Peak FLOP/s of one device: the data-sheet value for known accelerators; on CPU the
-    measured float32 matmul rate (``JAXFORMER_PEAK_FLOPS`` overrides either)."""
-    if "JAXFORMER_PEAK_FLOPS" in os.environ:
-        return float(os.environ["JAXFORMER_PEAK_FLOPS"])
+PEAK_ENV_VAR = "JAXFORMER_PEAK_FLOPS"
+PEAK_CACHE_FILE = "peak_flops.json"
+REMEASURE_COMMAND = "jaxformer bench --measure-peak"
+
+
+class PeakFlops(NamedTuple):
+    """A device's peak FLOP/s and where the number came from, for the log."""
+
+    flops: float
+    source: str
+
+    def describe(self) -> str:
+        """For the log: "peak 146.8 GFLOP/s per device (<where the number came from>)"."""
+        return f"peak {self.flops / 1e9:,.1f} GFLOP/s per device ({self.source})"
+
+
+def peak_flops(device: jax.Device, dtype: str = "float32", *,
+               remeasure: bool = False) -> PeakFlops:
+    """The peak FLOP/s of one device that MFU is relative to, and its source.
+
+    In order: ``$JAXFORMER_PEAK_FLOPS`` (a stated peak, any device); the data-sheet dense
+    peak of a known accelerator; on CPU, the ``dtype`` matmul rate measured once per machine
+    (CPU model, cores, dtype) and cached in ``peak_flops.json`` under the jaxformer cache dir,
+    so that every run on a machine divides by the same number (``remeasure=True``, or
+    ``jaxformer bench --measure-peak``, measures again and replaces the cached value).
+    Unknown accelerators: NaN. A bad ``$JAXFORMER_PEAK_FLOPS`` raises UserError.
+    """
+    stated = os.environ.get(PEAK_ENV_VAR)
+    if stated is not None:
+        return PeakFlops(_parse_stated_peak(stated), f"{PEAK_ENV_VAR}={stated.strip()}")
     kind = getattr(device, "device_kind", "")
     for name, peaks in _PEAK_TABLE.items():
         if name.lower() in kind.lower():
-            return peaks.get(dtype, peaks["float32"])
+            which = dtype if dtype in peaks else "float32"
+            return PeakFlops(peaks[which], f"data sheet, {name} {which}")
     if device.platform == "cpu":
-        return measured_cpu_matmul_peak()
-    return float("nan")
+        return cached_cpu_peak(dtype, remeasure=remeasure)
+    return PeakFlops(float("nan"), f"unknown for device kind {kind!r}; set {PEAK_ENV_VAR}")
 
 
-@functools.cache
-def measured_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of an n×n matmul (2n³ FLOPs) on the default CPU device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def _parse_stated_peak(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{PEAK_ENV_VAR}={text!r} is not a peak: give FLOP/s per device as a "
+                        "positive number, e.g. 1.5e11")
+    return value
+
+
+def cpu_identity() -> tuple[str, int]:
+    """(CPU model name, cores this process may run on): what a CPU peak depends on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    # Cores allowed by affinity (taskset, cgroups' cpusets), not the machine's total: XLA's
+    # thread pool and hence the peak follow them.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return model, int(cores or 1)
+
+
+def peak_cache_path() -> Path:
+    return resolve_cache_dir() / PEAK_CACHE_FILE
+
+
+def cached_cpu_peak(dtype: str = "float32", *, remeasure: bool = False) -> PeakFlops:
+    """This machine's measured CPU matmul peak for ``dtype``, from the cache file, measured
+    (and written there) only when it has no entry for this CPU model, core count and dtype,
+    or when ``remeasure``."""
+    model, cores = cpu_identity()
+    key = f"{model} | {cores} cores | {dtype}"
+    path = peak_cache_path()
+    entries = _read_peak_cache(path)
+    entry = entries.get(key)
+    how = "cached"
+    if remeasure or not isinstance(entry, dict) or not _positive(entry.get("flops")):
+        entry = {"flops": measure_cpu_matmul_peak(dtype), "measured": time.strftime("%Y-%m-%d"),
+                 "matmul": f"{dtype} {_PEAK_N}x{_PEAK_N}x{_PEAK_N}, best over "
+                           f">= {_PEAK_REPEATS} runs and {_PEAK_SECONDS:g} s",
+                 "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                 "jax": jax.__version__}
+        entries[key] = entry
+        try:
+            atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        except OSError as e:  # a read-only cache dir costs a re-measurement next time, no more
+            warnings.warn(f"could not cache the CPU peak in {path}: {e}", stacklevel=2)
+        how = "measured now"
+    load = entry.get("load_1m")
+    # Other processes on the cores (a load average above the core count) make the best matmul
+    # slower than the machine can do, and every MFU divided by it too high.
+    busy = (f"; the machine was busy when measured (load average {load:g} on {cores} cores), "
+            "so this peak is likely low" if _positive(load) and load > cores else "")
+    return PeakFlops(float(entry["flops"]),
+                     f"{how}: best {dtype} {_PEAK_N}³ matmul on {model} ({cores} cores, "
+                     f"{entry.get('measured', '?')}), in {path}{busy}; re-measure with "
+                     f"`{REMEASURE_COMMAND}` or state it with {PEAK_ENV_VAR}")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _read_peak_cache(path: Path) -> dict[str, Any]:
+    """The cache file's entries; {} when it is missing or unreadable (then it is rewritten)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+_PEAK_N = 2048
+_PEAK_REPEATS = 10
+_PEAK_SECONDS = 3.0
+
+
+def measure_cpu_matmul_peak(dtype: str = "float32", n: int = _PEAK_N,
+                            repeats: int = _PEAK_REPEATS,
+                            min_seconds: float = _PEAK_SECONDS) -> float:
+    """Best FLOP/s of an n×n ``dtype`` matmul (2n³ FLOPs) on the default device, over at least
+    ``repeats`` matmuls and ``min_seconds``: on a shared machine other work only ever slows a
+    matmul down, and a few seconds give the best a chance to land in a quiet moment."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = float("inf")
-    for _ in range(repeats):
+    began, done = time.perf_counter(), 0
+    while done < repeats or time.perf_counter() - began < min_seconds:
         start = time.perf_counter()
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
+        done += 1
     return 2.0 * n**3 / best
 
 
 def mfu(flops_per_tok: float, tokens_per_sec: float, n_devices: int, peak_per_device: float
         ) -> float:
+    """Model FLOPs utilization as a fraction (0.47); logs and ``bench`` show it as a
+    percentage (47.1%)."""
     return flops_per_tok * tokens_per_sec / (n_devices * peak_per_device)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxformer.config import Config
 from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
+from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
@@ -117,6 +118,10 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     if len(spec) > 1 and spec[1] is not None and cfg.data.seq_len % mesh.shape["sequence"]:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is not divisible by the "
                         f"{mesh.shape['sequence']} devices of the sequence axis")
+    try:  # a kernel this backend lacks (cudnn on CPU) would fail only when the step compiles
+        resolve_implementation(cfg.model.attention, jax.default_backend())
+    except ValueError as e:
+        raise UserError(f"model.attention: {e}") from None
     if cfg.model.n_experts and cfg.model.n_experts % mesh.shape["expert"]:
         raise UserError(f"model.n_experts={cfg.model.n_experts} is not divisible by the "
                         f"{mesh.shape['expert']} devices of the expert axis")

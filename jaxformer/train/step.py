@@ -121,7 +121,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         with _constraints(mesh, rules):
             grads, sums = accumulate(state.params, batch, rng)
         n = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
+        # Back to each parameter's dtype: n is float32, and float32 gradients of bfloat16
+        # parameters would turn the optimizer moments float32 after the first step, so the
+        # state would no longer match the step compiled for it.
+        grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
