@@ -1,4 +1,4 @@
-"""The ``jaxformer`` command: train | sample | bench | convert | plot | sweep | runs.
+"""The ``jaxformer`` command: train | sample | bench | convert | plot | attention | sweep | runs.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
 """
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from jaxformer.errors import UserError
+from jaxformer.malloc_tuning import tune_for_cpu_steps
 from jaxformer.sweep.commands import COMMANDS as SWEEP_COMMANDS
 from jaxformer.sweep.commands import add_parsers as add_sweep_parsers
 
@@ -17,11 +18,16 @@ EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxformer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # Plain text: argparse prints the description as it is (no reST), and lists the commands.
+    parser = argparse.ArgumentParser(
+        prog="jaxformer", description="Train, sample, convert, compare and sweep Transformer "
+        "runs (JAX + Flax).", epilog="jaxformer COMMAND --help shows the options of a command.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
 
-    def experiment_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("experiment", help="experiment file, e.g. experiments/gpt_tiny.py")
+    def experiment_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        p.add_argument("experiment", nargs="?" if optional else None,
+                       help="experiment file, e.g. experiments/gpt_tiny.py")
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config value (repeatable)")
 
@@ -40,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--prompt", default="",
+                   help="text to continue (default: none, a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 disables")
@@ -66,9 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the PNG file to write")
 
     p = sub.add_parser("bench", help="time train steps on synthetic tokens")
-    experiment_args(p)
+    experiment_args(p, optional=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--measure-peak", action="store_true",
+                   help="measure this machine's CPU peak FLOP/s (the MFU denominator, cached "
+                        "per machine) again; without EXPERIMENT, only that")
     p = sub.add_parser("attention", help="per-layer, per-head attention heat maps of a prompt")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--text", required=True, help="the prompt (encoder-decoder: the source)")
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace):
+    import jaxformer.objectives  # noqa: F401 - registers objective.kind and its checks
     from jaxformer import config as config_lib
 
     cfg = config_lib.load_experiment(args.experiment)
@@ -100,16 +111,28 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from jaxformer.runs import rundir
+    from jaxformer.train.init_from import explicit_keys, model_from_source
+
     cfg = _load(args)
+    # With train.init_from, the model's architecture comes from the source unless --set names
+    # a model key (every invocation, so a resumed run's config stays what was saved).
+    run_dir = args.run_dir or rundir.default_run_dir(cfg)
+    cfg, init_note = model_from_source(cfg, explicit_keys(args.overrides), run_dir)
+    # Before anything starts JAX's backend: its threads keep the malloc arena they start with.
+    tune_for_cpu_steps()
     from jaxformer.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)
-    from jaxformer.train.loop import train
-
-    result = train(cfg, args.run_dir, allow_config_change=args.allow_config_change,
-                   progress=not args.no_progress)
     import jax
 
+    from jaxformer.train.loop import train
+
+    if init_note and jax.process_index() == 0:
+        print(init_note)
+    # A bar only on a terminal: in a log file its redraws would be one snapshot per update.
+    result = train(cfg, run_dir, allow_config_change=args.allow_config_change,
+                   progress=not args.no_progress and sys.stderr.isatty())
     if result.evals and jax.process_index() == 0:
         last = max(result.evals)
         print(f"done: step {result.final_step}, validation loss {result.evals[last]:.4f} "
@@ -124,21 +147,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     generator, tokenizer, eos = load_generator(args.run_dir, args.step)
-    ids = tokenizer.encode(args.prompt).ids
+    # No prompt: start a new document (after the end-of-text token), whatever the corpus.
+    # Trailing spaces go: byte-level BPE keeps a word's space in the word's token.
+    prompt = args.prompt.rstrip(" ") or args.prompt
+    ids = tokenizer.encode(prompt).ids if prompt else [eos]
     new = generator.generate(ids, args.max_new_tokens,
                              SamplingParams(args.temperature, args.top_k, args.top_p),
                              seed=args.seed, stop_token=eos)
-    print(args.prompt + tokenizer.decode([t for t in new if t != eos]))
+    print(prompt + tokenizer.decode([t for t in new if t != eos]))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.experiment is None:
+        if not args.measure_peak:
+            raise UserError("bench needs an EXPERIMENT file (or --measure-peak alone)")
+        from jaxformer.train.bench import measure_peak
+
+        print(measure_peak().describe())
+        return 0
     cfg = _load(args)
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    tune_for_cpu_steps()  # as in cmd_train: before JAX's backend starts
     from jaxformer.train.bench import bench, print_result
 
-    print_result(bench(cfg, args.steps, args.warmup))
+    print_result(bench(cfg, args.steps, args.warmup, remeasure_peak=args.measure_peak))
     return 0
 
 
@@ -152,7 +186,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{m.vocab_size}; fine-tune with --set train.init_from={args.out}")
     else:
         run_dir_to_hf(args.to_hf, args.out, args.step)
-        print(f"wrote {args.out} (config.json, model.safetensors)")
+        print(f"wrote {args.out} ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
     return 0
 
 
@@ -204,11 +238,7 @@ COMMANDS.update(SWEEP_COMMANDS)
 
 
 def run() -> None:
-    """The ``jaxformer`` command: ``main`` in a process whose malloc reuses its heap across
-    CPU train steps (see ``jaxformer.malloc_tuning``; ``JAXFORMER_MALLOC_TUNING=0`` opts out)."""
-    from jaxformer.malloc_tuning import reexec_with_malloc_tuning
-
-    reexec_with_malloc_tuning([sys.executable, "-m", "jaxformer.cli", *sys.argv[1:]])
+    """The ``jaxformer`` command (the console-script entry point)."""
     sys.exit(main())
 
 

@@ -67,7 +67,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 0  # mla: per-head channels of the decoupled RoPE query/key
     qk_nope_head_dim: int = 0  # mla: per-head query/key channels without RoPE
     v_head_dim: int = 0  # mla: per-head value width
-    # auto (per backend) | reference | xla | cudnn | flash | splash
+    # auto (per backend; blocked on CPU) | reference | blocked | xla | cudnn | flash | splash
     attention: str = "auto"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
@@ -413,6 +413,11 @@ def validate(cfg: Config) -> Config:
         base = typing.get_origin(typ) or typ
         if not isinstance(value, base) or (base is int and isinstance(value, bool)):
             raise ConfigError(f"bad value for {key}: {value!r} is not a valid {_type_name(typ)}")
+    if "objective.kind" not in _CHOICES:
+        # The objectives own their names and checks; without them a config would pass
+        # half-validated (a causal objective on an encoder-decoder, say).
+        raise RuntimeError("import jaxformer.objectives before validating a config: it "
+                           "registers the objective.kind choices and the objectives' checks")
     for key, valid in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in valid:
@@ -437,10 +442,10 @@ def validate(cfg: Config) -> Config:
     for key in ("model.dropout", "model.attention_dropout"):
         if not 0.0 <= get_key(cfg, key) < 1.0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be in [0, 1)")
-    for key in ("train.schedule_steps", "model.d_ff", "model.head_dim", "model.sliding_window",
-                "model.n_decoder_layers", "model.type_vocab_size", "model.num_labels",
-                "model.kv_lora_rank", "model.q_lora_rank", "model.qk_rope_head_dim",
-                "model.qk_nope_head_dim", "model.v_head_dim"):
+    for key in ("train.schedule_steps", "sample.count", "model.d_ff", "model.head_dim",
+                "model.sliding_window", "model.n_decoder_layers", "model.type_vocab_size",
+                "model.num_labels", "model.kv_lora_rank", "model.q_lora_rank",
+                "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
     if m.attention_type == "mla" and (

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Configs validate objective.kind against the registered objectives (jaxformer.config).
+import jaxformer.objectives  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -37,7 +37,7 @@ def test_tiny_run_learns_and_leaves_a_complete_run_dir(tmp_path):
     events.Reload()
     tags = events.Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/param_norm",
-                "train/tokens_per_sec", "train/mfu", "eval/loss", "eval/perplexity"):
+                "train/tokens_per_sec", "train/mfu_percent", "eval/loss", "eval/perplexity"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("eval/loss")] == [75, 150]
     assert abs(events.Scalars("eval/loss")[-1].value - val) < 1e-5

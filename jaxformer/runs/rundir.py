@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from jaxformer import config as config_lib
+from jaxformer import objectives  # noqa: F401 - registers objective.kind and its checks
 from jaxformer.config import Config
 from jaxformer.errors import UserError
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxformer import inference
 from jaxformer.models.build import looped
-from jaxformer.train.flops import flops_per_token, mfu, peak_flops
+from jaxformer.train.flops import flops_per_token, mfu
 from jaxformer.train.reporting import format_metrics
 
 if TYPE_CHECKING:  # the loop imports this module; the type only names it
@@ -40,7 +40,6 @@ class MetricsLogger:
         self.pending: list[tuple[int, Metrics]] = []
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak = peak_flops(run.rt.mesh.devices.flat[0], cfg.model.compute_dtype).flops
         self.last_time, self.last_step = time.perf_counter(), run.start
 
     def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
@@ -71,7 +70,7 @@ class MetricsLogger:
         values = {"loss": mean("loss"), "accuracy": float(m["accuracy"]), "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
                   "tokens_per_sec": tps, "step_time_s": elapsed,
-                  "mfu": mfu(self.fpt, tps, run.rt.mesh.size, self.peak)}
+                  "mfu_percent": 100 * mfu(self.fpt, tps, run.rt.mesh.size, run.peak.flops)}
         o, model = run.cfg.objective, run.cfg.model
         if o.label_smoothing or o.z_loss:
             values.update(nll=mean("nll"), z_loss=mean("z_loss"))

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import tqdm
 
-from jaxformer import inference, malloc_tuning
+from jaxformer import inference
 from jaxformer.config import Config
 from jaxformer.data.tokenizer import save_tokenizer
 from jaxformer.errors import UserError
@@ -26,7 +26,7 @@ from jaxformer.objectives import Objective, Task, get_objective
 from jaxformer.objectives.tasks import build_task
 from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
-from jaxformer.train.flops import count_params, flops_per_token, peak_flops
+from jaxformer.train.flops import PeakFlops, count_params, flops_per_token, peak_flops
 from jaxformer.train.hooks import CheckpointSaver, Evaluator, Hook, MetricsLogger, host_params
 from jaxformer.train.init_from import load_params, state_from_params
 from jaxformer.train.reporting import Reporter
@@ -64,6 +64,7 @@ class Run:
     lead: bool  # process 0: the one that logs, prints and writes files
     start: int
     baseline_note: str
+    peak: PeakFlops  # what MFU is relative to, per device
     losses: dict[int, float] = dataclasses.field(default_factory=dict)
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     bar: Any = None
@@ -123,6 +124,9 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
             if echo_change:
                 echo(echo_change)
     rt = build_runtime(cfg, devices)
+    # A bad $JAXFORMER_PEAK_FLOPS is a user error: raise it before the run dir is written (on
+    # CPU the first run on a machine measures the peak and caches it).
+    peak = peak_flops(rt.mesh.devices.flat[0], cfg.model.compute_dtype)
     lead = jax.process_index() == 0
     if not lead:
         echo, progress = (lambda _: None), False
@@ -149,12 +153,13 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
         if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
             save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
 
-    baseline_note = _describe_model(cfg, rt, task, state, echo)
+    baseline_note = _describe_model(cfg, rt, task, state, peak, echo)
     start = int(jax.device_get(state.step))
     run = Run(cfg=cfg, run_dir=run_dir, rt=rt, task=task,
               objective=get_objective(cfg.objective.kind), ckpt=ckpt,
               reporter=Reporter(run_dir, echo, enabled=lead), state=state, train_step=rt.train_step,
-              say=echo, echo=echo, lead=lead, start=start, baseline_note=baseline_note)
+              say=echo, echo=echo, lead=lead, start=start, baseline_note=baseline_note,
+              peak=peak)
     # Compile once ahead of time: the same executable reports its memory and then trains.
     run.train_step = rt.train_step.lower(state, run.train_batch(start)).compile()
     echo(format_memory(rt.memory_report(state, run.train_step)))
@@ -166,7 +171,6 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
 
 def run_steps(run: Run, end: int, hooks: Sequence[Hook]) -> None:
     """Steps ``run.start + 1 .. end``; after each, every hook in order."""
-    malloc_tuning.tune_for_cpu_steps()  # data is tokenized by now: only steps allocate
     for step in range(run.start + 1, end + 1):
         run.state, metrics = run.train_step(run.state, run.train_batch(step - 1))
         run.bar.update(1)
@@ -180,9 +184,12 @@ def finish(run: Run) -> TrainResult:
     """End-of-run samples (when the run reached ``train.steps``), the hparams record."""
     cfg, step = run.cfg, run.step
     samples: list[str] = []
-    if step == cfg.train.steps and run.objective.sampling and run.lead:
+    wanted = bool(cfg.sample.prompts) or cfg.sample.count > 0
+    if step == cfg.train.steps and run.objective.sampling and wanted:
+        # Every process takes part in gathering the parameters; only the first decodes.
         _, view, view_params = looped(cfg.model, host_params(run.state.params))
-        pairs = inference.SAMPLERS[run.objective.sampling](cfg, view, view_params, run.task)
+        pairs = (inference.SAMPLERS[run.objective.sampling](cfg, view, view_params, run.task)
+                 if run.lead else [])
         samples = [completion for _, completion in pairs]
         if pairs:
             text = "\n\n".join(f"--- prompt {p!r}\n{p}{s}" for p, s in pairs)
@@ -206,7 +213,7 @@ def _build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Task:
     return build_task(cfg, tokenizer_path, log)
 
 
-def _describe_model(cfg: Config, rt: Runtime, task: Task, state: Any,
+def _describe_model(cfg: Config, rt: Runtime, task: Task, state: Any, peak: PeakFlops,
                     echo: Callable[[str], None]) -> str:
     """Prints the model line and the MFU peak; -> the baseline note for eval lines."""
     mesh = rt.mesh
@@ -220,5 +227,5 @@ def _describe_model(cfg: Config, rt: Runtime, task: Task, state: Any,
          f"(6N + 6LTNH); mesh {mesh_note} ({cfg.mesh.preset}) over {jax.process_count()} "
          f"process(es) on {jax.devices()[0].platform}; objective "
          f"{cfg.objective.kind}{baseline_note.replace(')', f' {unit})')}")
-    echo(f"MFU: {peak_flops(mesh.devices.flat[0], cfg.model.compute_dtype).describe()}")
+    echo(f"MFU: {peak.describe()}")
     return baseline_note

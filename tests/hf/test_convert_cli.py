@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from jaxformer.data.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 from jaxformer.hf import from_pretrained  # noqa: E402
-from jaxformer.inference.restore import load_run  # noqa: E402
+from jaxformer.runs.restore import load_run  # noqa: E402
+from tests.command_line import EXPERIMENT, assert_user_error, jaxformer, snapshot  # noqa: E402
 from tests.corpus import document, write_corpus  # noqa: E402
-from tests.test_cli import EXPERIMENT, assert_user_error, jaxformer, snapshot  # noqa: E402
 
 LAYERS, WIDTH, HEADS, MAX_LEN = 2, 32, 2, 64
 
