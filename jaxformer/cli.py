@@ -115,12 +115,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxformer.train.init_from import explicit_keys, model_from_source
 
     cfg = _load(args)
+    # Before anything starts JAX's backend: its threads keep the malloc arena they start with.
+    tune_for_cpu_steps()
     # With train.init_from, the model's architecture comes from the source unless --set names
     # a model key (every invocation, so a resumed run's config stays what was saved).
     run_dir = args.run_dir or rundir.default_run_dir(cfg)
     cfg, init_note = model_from_source(cfg, explicit_keys(args.overrides), run_dir)
-    # Before anything starts JAX's backend: its threads keep the malloc arena they start with.
-    tune_for_cpu_steps()
     from jaxformer.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)

@@ -305,6 +305,7 @@ def jax_worker(experiment: str, warmup: int, overrides: list[str]) -> None:
     request (``bench_worker.serve_steps``, scripts/bench_worker.py)."""
     from bench_worker import serve_steps
 
+    import jaxformer.objectives  # noqa: F401 - registers objective.kind, which validation needs
     from jaxformer.config import apply_overrides, load_experiment
 
     serve_steps(apply_overrides(load_experiment(experiment), overrides), warmup)

@@ -51,8 +51,8 @@ def serve_steps(cfg: Any, warmup: int = 3, requests: IO[str] = sys.stdin,
     """The worker's side: compiles ``cfg``'s (a ``jaxformer.config.Config``) train step on a
     synthetic batch, runs ``warmup`` steps, writes the facts line, then one reply line per
     line read from ``requests`` (see the module docstring)."""
-    # Imported here, not at the top: a script imports this module before it has re-executed
-    # itself with its malloc settings, and jax must not be loaded before that.
+    # Imported here, not at the top: a script imports this module before it applies its
+    # malloc settings (jaxformer.malloc_tuning), which must happen before JAX starts.
     from jaxformer.train.bench import compiled_step, timed_step
     from jaxformer.train.flops import count_params, flops_per_token
 

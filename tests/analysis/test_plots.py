@@ -10,7 +10,7 @@ from jaxformer import config as config_lib
 from jaxformer.analysis.events import read_scalars
 from jaxformer.analysis.plots import plot_schedule
 from jaxformer.train.reporting import Reporter
-from tests.test_cli import EXPERIMENT, assert_user_error, jaxformer
+from tests.command_line import EXPERIMENT, assert_user_error, jaxformer
 
 
 def write_run(run_dir, losses):

@@ -9,7 +9,6 @@ import pytest
 
 from jaxformer.nn.attention_kernels import reference_attention, xla_attention
 from jaxformer.nn.masks import (
-    MASK_VALUE,
     bidirectional_mask,
     causal_mask,
     make_mask,
@@ -140,7 +139,10 @@ def test_make_mask_rejects_bad_arguments(kwargs, match):
 def test_mask_to_bias_values():
     bias = np.asarray(mask_to_bias(jnp.asarray([[True, False]]), jnp.bfloat16).astype(jnp.float32))
     np.testing.assert_array_equal(bias, [[0.0, float(jnp.finfo(jnp.bfloat16).min)]])
-    assert np.finfo(np.float32).min == MASK_VALUE
+    # float32 by default, hidden keys at float32's most negative finite value
+    bias32 = mask_to_bias(jnp.asarray([[True, False]]))
+    assert bias32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(bias32), [[0.0, -3.4028234663852886e38]])
 
 
 # --- No mask kind leaks: what a query may not see cannot change its output. -------------------

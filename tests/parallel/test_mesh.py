@@ -4,6 +4,7 @@ count; specs are built against an AbstractMesh)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import subprocess
 from pathlib import Path
@@ -132,13 +133,14 @@ def test_good_mesh_overrides_pass_validation():
 # --- rules and specs -------------------------------------------------------------------------
 
 def test_rules_override_single_entries():
+    presets = copy.deepcopy(PRESET_RULES)
     rules = rules_for(MeshConfig(preset="fsdp", rules=("embed=", "batch=data+fsdp",
                                                        " mlp = tensor + fsdp ")))
     assert rules["embed"] == ()  # replicated
     assert rules["batch"] == ("data", "fsdp")
     assert rules["mlp"] == ("tensor", "fsdp")
     assert rules["vocab"] == PRESET_RULES["fsdp"]["vocab"]  # the rest is the preset's
-    assert PRESET_RULES["fsdp"]["embed"] == ("fsdp",)  # the preset table itself is unchanged
+    assert presets == PRESET_RULES  # the preset table itself is unchanged
     mesh = abstract_mesh(fsdp=8)
     assert logical_to_spec(("embed", "mlp"), rules, (32, 128), mesh) == PartitionSpec(
         None, "fsdp")

@@ -27,7 +27,7 @@ def test_moe_decoder_learns_and_logs_router_statistics(tmp_path):
         f"data.source={write_corpus(tmp_path / 'corpus', n_docs=120)}", "data.seq_len=64",
         "data.val_fraction=0.1", "train.batch_size=16", "train.steps=120",
         "train.warmup_steps=10", "train.lr=3e-3", "log.every=10", "eval.every=120",
-        "eval.batches=4", "sample.prompts=[]"])
+        "eval.batches=4", "sample.count=0"])
     result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
     final = result.eval_metrics[120]
     assert final["loss"] < result.unigram_baseline - 1.0, (final, result.unigram_baseline)

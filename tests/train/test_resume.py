@@ -18,7 +18,7 @@ def small_config(source: str, *extra: str) -> Config:
         f"data.source={source}", "data.seq_len=32", "model.max_len=32", "model.n_layers=2",
         "model.d_model=32", "model.n_heads=2", "model.vocab_size=300", "train.batch_size=4",
         "train.steps=8", "train.warmup_steps=2", "checkpoint.every=4", "log.every=1",
-        "eval.every=4", "eval.batches=2", "sample.prompts=[]", *extra])
+        "eval.every=4", "eval.batches=2", "sample.count=0", *extra])
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dropout=0.2", "model.attention_dropout=0.1"]],
