@@ -14,6 +14,15 @@ TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_
         "train.warmup_steps=2", "train.lr=1e-2"]
 
 
+def run_config(source: str, *extra: str) -> Config:
+    """A tiny 8-step run on the text files in ``source`` (``extra`` overrides win)."""
+    return config_lib.apply_overrides(Config(), [
+        f"data.source={source}", "data.seq_len=32", "model.max_len=32", "model.n_layers=2",
+        "model.d_model=32", "model.n_heads=2", "model.vocab_size=300", "train.batch_size=4",
+        "train.steps=8", "train.warmup_steps=2", "checkpoint.every=4", "log.every=1",
+        "eval.every=4", "eval.batches=2", "sample.count=0", *extra])
+
+
 def tiny_config(*overrides: str) -> Config:
     return config_lib.apply_overrides(Config(), TINY + list(overrides))
 

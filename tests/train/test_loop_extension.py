@@ -20,16 +20,14 @@ from jaxformer.objectives.tasks import build_task, text_pipeline, text_task
 from jaxformer.train.loop import train
 from jaxformer.train.optimizer import learning_rate_schedule
 from tests.corpus import write_corpus
+from tests.train.helpers import run_config
 
 QUIET = {"progress": False, "echo": lambda s: None}
 
 
 def small(source: str, *extra: str) -> Config:
-    return config_lib.apply_overrides(Config(), [
-        f"data.source={source}", "data.seq_len=32", "model.max_len=64", "model.n_layers=1",
-        "model.d_model=32", "model.n_heads=2", "model.vocab_size=300", "train.batch_size=4",
-        "train.steps=4", "train.warmup_steps=1", "checkpoint.every=4", "log.every=1",
-        "eval.every=4", "eval.batches=1", "sample.count=0", *extra])
+    return run_config(source, "model.max_len=64", "model.n_layers=1", "train.steps=4",
+                      "train.warmup_steps=1", "eval.batches=1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from jaxformer import config as config_lib
-from jaxformer.config import Config
 from jaxformer.errors import UserError
 from jaxformer.train.loop import train
 from tests.corpus import write_corpus
-
-
-def small_config(source: str, *extra: str) -> Config:
-    return config_lib.apply_overrides(Config(), [
-        f"data.source={source}", "data.seq_len=32", "model.max_len=32", "model.n_layers=2",
-        "model.d_model=32", "model.n_heads=2", "model.vocab_size=300", "train.batch_size=4",
-        "train.steps=8", "train.warmup_steps=2", "checkpoint.every=4", "log.every=1",
-        "eval.every=4", "eval.batches=2", "sample.count=0", *extra])
+from tests.train.helpers import run_config as small_config
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dropout=0.2", "model.attention_dropout=0.1"]],
