@@ -3,6 +3,7 @@
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -53,6 +54,7 @@ class DataPipeline:
         train_doc_ids: np.ndarray,
         val_doc_ids: np.ndarray,
         n_skipped: int,
+        data_manifest: dict[str, Any] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._eos_id = eos_id(tokenizer)
@@ -61,6 +63,7 @@ class DataPipeline:
         self._train_doc_ids = train_doc_ids
         self._val_doc_ids = val_doc_ids
         self._n_skipped = n_skipped
+        self._data_manifest = data_manifest
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
@@ -100,7 +103,8 @@ class DataPipeline:
 
         start = time.perf_counter()
         docs = load_documents(source, text_field, cache_dir=str(root / "datasets"))
-        skipped = f" ({docs.n_skipped} skipped: not UTF-8)" if docs.n_skipped else ""
+        # e.g. " (skipped 2 of 20 files: 1 empty, 1 binary; e.g. corpus/x.bin)"
+        skipped = f" ({docs.skip_summary()})" if docs.n_skipped else ""
         log(
             f"data: {len(docs.texts)} documents{skipped} from {source} "
             f"in {time.perf_counter() - start:.1f}s"
@@ -132,7 +136,7 @@ class DataPipeline:
             val = PackedRows(
                 make_stream([tokens[i] for i in val_ids], eos, seed + 2), seq_len, "validation"
             )
-        pipeline = cls(tok, train, val, train_ids, val_ids, docs.n_skipped)
+        pipeline = cls(tok, train, val, train_ids, val_ids, docs.n_skipped, docs.manifest)
         log(
             f"tokens: {_count(pipeline.n_train_tokens)} train ({pipeline.n_train_rows} rows), "
             f"{_count(pipeline.n_val_tokens)} val ({pipeline.n_val_rows} rows) of {seq_len}; "
@@ -170,8 +174,13 @@ class DataPipeline:
 
     @property
     def n_skipped(self) -> int:
-        """Files skipped because they are not valid UTF-8."""
+        """Files skipped: unreadable, empty, binary or not valid UTF-8."""
         return self._n_skipped
+
+    @property
+    def data_manifest(self) -> dict[str, Any] | None:
+        """What the data source held when loaded (`jaxformer.data.manifest`); JSON-serializable."""
+        return self._data_manifest
 
     @property
     def train_doc_ids(self) -> np.ndarray:

@@ -54,6 +54,9 @@ class Task:
     tokenizer: Tokenizer | None = None
     pipeline: DataPipeline | None = None  # the text pipeline behind LM objectives
     translation: SyntheticTranslation | None = None
+    # What the data source held (jaxformer.data.manifest; JSON-serializable), for a resumed run
+    # to tell whether its data changed: ``manifest.describe_change(saved, task.data_manifest)``
+    data_manifest: dict[str, Any] | None = None
 
 
 class Objective:

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import Config
 from jaxformer.data.errors import DataError
+from jaxformer.data.manifest import synthetic_manifest
 from jaxformer.data.packing import stack_examples
 from jaxformer.data.pipeline import DataPipeline
 from jaxformer.data.synthetic import is_synthetic
@@ -29,8 +30,14 @@ _VAL_STEP = 2**31 - 1
 
 def build_task(cfg: Config, tokenizer_path: Path, log: Log) -> Task:
     """The task of ``cfg``'s objective (its tokenizer loaded from ``tokenizer_path`` when that
-    exists)."""
-    return get_objective(cfg.objective.kind).build_task(cfg, tokenizer_path, log)
+    exists), with ``data_manifest`` set: the pipeline's, or a generated source's name."""
+    task = get_objective(cfg.objective.kind).build_task(cfg, tokenizer_path, log)
+    if task.data_manifest is None:
+        if task.pipeline is not None:
+            task.data_manifest = task.pipeline.data_manifest
+        elif is_synthetic(cfg.data.source):
+            task.data_manifest = synthetic_manifest(cfg.data.source)
+    return task
 
 
 def text_pipeline(cfg: Config, tokenizer_path: Path, log: Log, seq_len: int | None = None
@@ -59,7 +66,7 @@ def text_task(cfg: Config, pipeline: DataPipeline, transform: RowTransform | Non
             map_rows(batch.as_dict(), transform, cfg.train.seed, _VAL_STEP + k, 0)
             for k, batch in enumerate(pipeline.val_batches(b, n))),
         baseline_name="unigram", baseline=pipeline.unigram_baseline(),
-        tokenizer=pipeline.tokenizer, pipeline=pipeline)
+        tokenizer=pipeline.tokenizer, pipeline=pipeline, data_manifest=pipeline.data_manifest)
 
 
 def share_rows(batch_size: int, share: int, n_shares: int) -> range:

@@ -65,7 +65,8 @@ def test_sizes_and_log(corpus, tmp_path):
     n_eos = np.sum(p.train_rows.stream.tokens == 0) + np.sum(p.val_rows.stream.tokens == 0)
     assert n_eos == N_DOCS
     assert len(messages) == 3 and all("\n" not in m for m in messages)
-    assert f"{N_DOCS} documents (1 skipped: not UTF-8)" in messages[0]
+    assert (f"{N_DOCS} documents (skipped 1 of {N_DOCS + 1} files: 1 not UTF-8; "
+            f"e.g. {corpus / 'binary.dat'}) from {corpus} in ") in messages[0]
     assert "trained on 36 training documents" in messages[1]
 
 

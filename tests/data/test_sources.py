@@ -35,8 +35,9 @@ def load(path, tmp_path, **kw):
 def test_directory_documents_in_file_order(data_dir, tmp_path):
     docs = load(data_dir, tmp_path)
     assert docs.texts == ["alpha doc\n\tindented\n", "beta doc ü 🐍", "json one", "json two"]
-    assert docs.n_skipped == 1
-    assert docs.skipped == [str(data_dir / "bad.bin")]
+    assert docs.n_skipped == 2 and docs.n_files == 5  # the hidden files are not listed
+    assert docs.skipped == [str(data_dir / "bad.bin"), str(data_dir / "blank.txt")]
+    assert docs.skip_reasons == ["not UTF-8", "empty"]
     assert re.fullmatch(r"[0-9a-f]{64}", docs.fingerprint), docs.fingerprint  # a sha256
 
 
