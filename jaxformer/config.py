@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import sys
 import types
 import typing
@@ -161,6 +162,10 @@ class TrainConfig:
     # Start a new run from these weights: a jaxformer run dir (its latest checkpoint) or a
     # Hugging Face save_pretrained directory. Ignored when the run dir already has a checkpoint.
     init_from: str = ""
+    # A step whose loss or gradients are not finite changes nothing (parameters and optimizer
+    # state stay; the batch is skipped); this many such steps in a row (>= 1) stop the run
+    # (exit 3).
+    max_bad_steps: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +217,13 @@ class MeshConfig:
 class CheckpointConfig:
     every: int = 200
     keep: int = 3
+    # Written in the background (orbax async): the steps go on while the files are written.
+    async_save: bool = True
+    # A save that fails (disk full, unwritable dir): stop (exit 2, earlier checkpoints intact)
+    # | retry (warn, train on, try again at the next interval)
+    on_error: str = "stop"
+    # After SIGTERM/SIGINT: seconds to finish the step and save before giving up (exit 128+n)
+    grace_period: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +276,10 @@ def load_experiment(path: str | Path) -> Config:
     make = getattr(module, "config", None)
     if not callable(make):
         raise ConfigError(f"{path} defines no config() function returning a jaxformer Config")
-    cfg = make()
+    try:
+        cfg = make()
+    except Exception as e:  # the user's code: report its line, not the framework's stack
+        raise ConfigError(_user_code_error(path, e, "config()")) from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, expected Config")
     return validate(cfg)
@@ -280,8 +295,33 @@ def _import_file(path: Path) -> types.ModuleType:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+        # Also a syntax error in a module the file imports: name the file that has it.
+        where = e.filename if e.filename and Path(e.filename).resolve() != path.resolve() else path
+        raise ConfigError(f"{where}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # NameError, ImportError... while the file runs
+        sys.modules.pop(name, None)
+        raise ConfigError(_user_code_error(path, e, "import")) from None
     return module
+
+
+def _user_code_error(path: Path, error: BaseException, during: str) -> str:
+    """One line for an exception raised while running an experiment file: the deepest frame
+    of the traceback in that file (``path:line in function()``) and the exception, e.g.
+    ``experiments/bad.py:12 in config(): ZeroDivisionError: division by zero``."""
+    target = path.resolve()
+    frame = None
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == target:
+            frame = tb
+        tb = tb.tb_next
+    message = " ".join(str(error).split())  # one line, whatever the exception's text
+    what = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if frame is None:
+        return f"{path}: {during} failed: {what}"
+    function = frame.tb_frame.f_code.co_name
+    where = "module level" if function == "<module>" else f"{function}()"
+    return f"{path}:{frame.tb_lineno} in {where}: {what}"
 
 
 # --- overrides ---------------------------------------------------------------------------------
@@ -389,6 +429,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "save_dots", "save_dots_no_batch"),
     "mesh.preset": ("data", "fsdp", "fsdp_tensor", "sequence", "expert"),
     "train.schedule": ("cosine", "linear", "constant", "wsd", "inverse_sqrt"),
+    "checkpoint.on_error": ("stop", "retry"),
 }
 _POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
              "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
@@ -408,11 +449,12 @@ def validate(cfg: Config) -> Config:
     for key in all_keys(cfg):
         typ = typing.get_type_hints(type(get_owner(cfg, key)))[key.split(".")[-1]]
         value = get_key(cfg, key)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
         base = typing.get_origin(typ) or typ
-        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            pass  # an int where a float is declared (lr=1 in an experiment file) is fine
+        elif not isinstance(value, base) or (base is int and isinstance(value, bool)):
             raise ConfigError(f"bad value for {key}: {value!r} is not a valid {_type_name(typ)}")
+        _check_generic(key, typ, value)
     if "objective.kind" not in _CHOICES:
         # The objectives own their names and checks; without them a config would pass
         # half-validated (a causal objective on an encoder-decoder, say).
@@ -482,9 +524,96 @@ def validate(cfg: Config) -> Config:
                           "(0, 1]")
     if t.lr <= 0:
         raise ConfigError(f"bad value for train.lr: {t.lr} must be positive")
+    _check_ranges(cfg)
     for check in _CHECKS:
         check(cfg)
     return cfg
+
+
+INT32_LIMIT = 2**31  # ints reach JAX (seeds, shapes, step counters) as int32
+
+
+def _check_generic(key: str, typ: Any, value: Any) -> None:
+    """What every value of a type must satisfy, whatever its key: floats finite (a nan would
+    pass every ``<`` check below), ints within int32, strings without NUL bytes (paths)."""
+    if typ is float and not _finite(value):
+        raise ConfigError(f"bad value for {key}: {value} must be a finite number")
+    if typ is int and not -INT32_LIMIT < value < INT32_LIMIT:
+        raise ConfigError(f"bad value for {key}: {value} must be between -2**31 and 2**31 "
+                          "(exclusive)")
+    items = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(item, str) and "\x00" in item for item in items):
+        raise ConfigError(f"bad value for {key}: {value!r} must not contain a NUL character")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range (from an experiment file)
+        return False
+
+
+# key -> (low, high, low inclusive, high inclusive); None: unbounded on that side. Keys that
+# only matter for some settings are checked whatever those settings, so a typo never waits
+# for the run that would use it.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "train.grad_clip": (0, None, True, False),
+    "train.weight_decay": (0, None, True, False),
+    "train.beta1": (0, 1, True, False),
+    "train.beta2": (0, 1, True, False),
+    "train.min_lr_ratio": (0, 1, True, True),
+    "train.max_bad_steps": (1, None, True, False),
+    "train.seed": (0, None, True, False),
+    "data.seed": (0, None, True, False),
+    "eval.batches": (0, None, True, False),
+    "checkpoint.grace_period": (0, None, False, False),
+    "sample.max_new_tokens": (0, None, True, False),
+    "sample.temperature": (0, None, True, False),
+    "sample.top_k": (0, None, True, False),
+    "sample.top_p": (0, 1, False, True),
+    "model.init_std": (0, None, True, False),
+    "model.norm_eps": (0, None, False, False),
+    "model.attention_scale": (0, None, True, False),
+    "model.sinusoidal_base": (0, None, False, False),
+    "model.rope_theta": (0, None, False, False),
+    "model.rope_fraction": (0, 1, False, True),
+    "model.relative_buckets": (0, None, False, False),
+    "model.relative_max_distance": (0, None, False, False),
+    "model.router_aux_loss": (0, None, True, False),
+    "model.router_z_loss": (0, None, True, False),
+    "model.experts_top_k": (1, None, True, False),
+    "objective.targets_len": (0, None, True, False),
+}
+
+
+def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    """The ``_RANGES`` bounds, then the ranges that depend on another key."""
+    for key, (low, high, low_in, high_in) in _RANGES.items():
+        value = get_key(cfg, key)
+        ok = ((low is None or (value >= low if low_in else value > low))
+              and (high is None or (value <= high if high_in else value < high)))
+        if not ok:
+            raise ConfigError(f"bad value for {key}: {value} must be "
+                              f"{_range_text(low, high, low_in, high_in)}")
+    m = cfg.model
+    # T5 bucketing: a bidirectional stack splits the buckets in two and gives half of each
+    # half to exact offsets; fewer than 4 buckets leave none (a division by zero), and the
+    # logarithmic buckets need max_distance beyond the exact ones (log(1) = 0 divides).
+    if m.pos_encoding == "t5_relative" and (
+            m.relative_buckets < 4 or m.relative_max_distance <= m.relative_buckets // 2):
+        raise ConfigError(f"model.pos_encoding='t5_relative' needs model.relative_buckets >= 4 "
+                          f"and model.relative_max_distance > relative_buckets // 2 (got "
+                          f"{m.relative_buckets} and {m.relative_max_distance})")
+    name = cfg.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"bad value for name: {name!r} must be a non-empty file name (it names "
+                          "the default run dir runs/<name>) without / or \\")
 
 
 def validate_mesh(mesh: MeshConfig) -> None:
@@ -558,7 +687,9 @@ def to_json(cfg: Config) -> str:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuilds a Config saved with ``to_json`` (tuples come back from JSON lists)."""
-    def build(cls: Any, values: dict[str, Any]) -> Any:
+    def build(cls: Any, values: dict[str, Any], where: str = "the config") -> Any:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} is a JSON {type(values).__name__}, expected an object")
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
@@ -567,8 +698,11 @@ def from_dict(data: dict[str, Any]) -> Config:
             value = values[f.name]
             typ = hints[f.name]
             if dataclasses.is_dataclass(typ):
-                value = build(typ, value)
+                value = build(typ, value, f"section {f.name!r}")
             elif typing.get_origin(typ) is tuple:
+                if not isinstance(value, (list, tuple)):
+                    raise ConfigError(f"bad value for {f.name}: {value!r} is not a "
+                                      f"{_type_name(typ)}")
                 value = tuple(value)
             kwargs[f.name] = value
         return cls(**kwargs)

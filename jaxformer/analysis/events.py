@@ -27,6 +27,13 @@ def read_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
     for f in files:
         acc = EventAccumulator(str(f), size_guidance={SCALARS: 0})  # 0: keep every point
         acc.Reload()
+        try:
+            acc.FirstEventTimestamp()
+        except ValueError:
+            # The reader stops quietly at the first bad record (a file being written ends in
+            # one); a non-empty file without a single readable event is not an event file.
+            if f.stat().st_size > 0:
+                raise UserError(f"{f} is not a readable TensorBoard event file") from None
         for tag in acc.Tags()["scalars"]:
             merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return {tag: sorted(points.items()) for tag, points in merged.items()}

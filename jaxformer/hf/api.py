@@ -141,7 +141,7 @@ def from_pretrained(directory: Path | str) -> PretrainedModel:
     hf_cfg, tensors = read_hf_dir(directory)
     model_type = hf_cfg.get("model_type", "")
     family = family_of(model_type)
-    cfg = _model_config(family, hf_cfg, tensors)
+    cfg = _model_config(family, hf_cfg, tensors, directory)
     return PretrainedModel(cfg, params_from_tensors(family, cfg, tensors), model_type)
 
 
@@ -151,14 +151,20 @@ def pretrained_config(directory: Path | str) -> ModelConfig:
     hf_cfg = read_hf_config(directory)
     family = family_of(hf_cfg.get("model_type", ""))
     tensors = read_hf_dir(directory)[1] if hasattr(family, "config_for_tensors") else {}
-    return _model_config(family, hf_cfg, tensors)
+    return _model_config(family, hf_cfg, tensors, directory)
 
 
-def _model_config(family: types.ModuleType, hf_cfg: dict,
-                  tensors: dict[str, np.ndarray]) -> ModelConfig:
-    cfg = family.model_config(hf_cfg)
-    if hasattr(family, "config_for_tensors"):  # the tensors settle part of the layout
-        cfg = family.config_for_tensors(cfg, tensors)
+def _model_config(family: types.ModuleType, hf_cfg: dict, tensors: dict[str, np.ndarray],
+                  directory: Path | str) -> ModelConfig:
+    try:
+        cfg = family.model_config(hf_cfg)
+        if hasattr(family, "config_for_tensors"):  # the tensors settle part of the layout
+            cfg = family.config_for_tensors(cfg, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        # A hand-edited or foreign config.json: a missing field, a string where a number goes.
+        raise HFConversionError(f"{Path(directory) / 'config.json'} does not describe a "
+                                f"{hf_cfg.get('model_type')!r} model: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}") from None
     return cfg
 
 

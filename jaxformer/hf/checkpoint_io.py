@@ -29,9 +29,17 @@ def read_hf_config(directory: Path | str) -> dict:
     if not config_path.is_file():
         raise HFConversionError(f"{directory} has no config.json (not a save_pretrained directory)")
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFConversionError(f"{config_path} is not valid JSON: {e}") from e
+        config = json.loads(config_path.read_text())
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise HFConversionError(f"{config_path} is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise HFConversionError(f"{config_path} holds a JSON {type(config).__name__}, not the "
+                                "object of a transformers config")
+    return config
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    return " ".join(str(error).split())[:limit]
 
 
 def read_hf_dir(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -41,8 +49,12 @@ def read_hf_dir(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
     if (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
     elif (directory / INDEX_FILE).is_file():
-        index = json.loads((directory / INDEX_FILE).read_text())
-        files = [directory / name for name in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((directory / INDEX_FILE).read_text())
+            files = [directory / name for name in sorted(set(index["weight_map"].values()))]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise HFConversionError(f"{directory / INDEX_FILE} is not a safetensors index "
+                                    f"(JSON with a weight_map): {_one_line(e)}") from None
     elif (directory / "pytorch_model.bin").is_file():
         raise HFConversionError(
             f"{directory} holds pytorch_model.bin only; save it again with "
@@ -51,7 +63,13 @@ def read_hf_dir(directory: Path | str) -> tuple[dict, dict[str, np.ndarray]]:
         raise HFConversionError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
+        if not f.is_file():
+            raise HFConversionError(f"{f} is missing (named by {INDEX_FILE})")
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header
+            raise HFConversionError(f"{f} is not a readable safetensors file: "
+                                    f"{_one_line(e)}") from None
     return config, tensors
 
 
