@@ -1,20 +1,23 @@
 """The ``jaxformer`` command: train | sample | bench | convert | plot | attention | sweep | runs.
 
-Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2.
+Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2; a run
+stopped by SIGTERM/SIGINT after saving exits 75, one that diverged 3 (docs/usage.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 from pathlib import Path
 
-from jaxformer.errors import UserError
+from jaxformer.errors import EXIT_USER_ERROR, UserError  # noqa: F401 - cli.EXIT_USER_ERROR
 from jaxformer.malloc_tuning import tune_for_cpu_steps
 from jaxformer.sweep.commands import COMMANDS as SWEEP_COMMANDS
 from jaxformer.sweep.commands import add_parsers as add_sweep_parsers
 
-EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="default: runs/<config name>")
     p.add_argument("--allow-config-change", action="store_true",
                    help="continue a run dir whose saved config differs")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data source changed since the run began")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     multi = p.add_argument_group(
         "multi-process", "join a jax.distributed job (found automatically under SLURM and on "
@@ -95,11 +100,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # orbax logs every failed background write as several absl ERROR tracebacks; the
+    # command reports the failure itself, in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its leftover write tasks
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        # The line above says what failed; the tasks of a failed background write that Python
+        # finds unfinished at exit would add a page of "Exception ignored" noise.
+        sys.unraisablehook = lambda _: None
+        return e.exit_status
+    except KeyboardInterrupt:  # before training started or after it ended: nothing to save
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _load(args: argparse.Namespace):
@@ -108,6 +123,29 @@ def _load(args: argparse.Namespace):
 
     cfg = config_lib.load_experiment(args.experiment)
     return config_lib.apply_overrides(cfg, args.overrides)
+
+
+def check_run_dir_target(run_dir: Path) -> None:
+    """A run dir to create or continue must be a directory or not exist yet, under a directory
+    (checked before anything is written, so a wrong path leaves nothing behind)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a run directory")
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--run-dir {run_dir}: {parent} is a file, not a directory")
+            break
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sample command's numbers (argparse checks only that they parse)."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 \
+            or not 0 < args.top_p <= 1:
+        raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2**31:
+        raise UserError(f"--seed must be in [0, 2**31), got {args.seed}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # With train.init_from, the model's architecture comes from the source unless --set names
     # a model key (every invocation, so a resumed run's config stays what was saved).
     run_dir = args.run_dir or rundir.default_run_dir(cfg)
+    check_run_dir_target(run_dir)
     cfg, init_note = model_from_source(cfg, explicit_keys(args.overrides), run_dir)
     from jaxformer.parallel.distributed import initialize
 
@@ -132,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(init_note)
     # A bar only on a terminal: in a log file its redraws would be one snapshot per update.
     result = train(cfg, run_dir, allow_config_change=args.allow_config_change,
+                   allow_data_change=args.allow_data_change,
                    progress=not args.no_progress and sys.stderr.isatty())
     if result.evals and jax.process_index() == 0:
         last = max(result.evals)
@@ -144,8 +184,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from jaxformer.inference.restore import load_generator
     from jaxformer.inference.sampling import SamplingParams
 
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    _check_sampling_flags(args)
     generator, tokenizer, eos = load_generator(args.run_dir, args.step)
     # No prompt: start a new document (after the end-of-text token), whatever the corpus.
     # Trailing spaces go: byte-level BPE keeps a word's space in the word's token.
@@ -166,9 +205,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(measure_peak().describe())
         return 0
-    cfg = _load(args)
     if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    cfg = _load(args)
     tune_for_cpu_steps()  # as in cmd_train: before JAX's backend starts
     from jaxformer.train.bench import bench, print_result
 
@@ -218,6 +259,8 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench,
 def cmd_attention(args: argparse.Namespace) -> int:
     from jaxformer.analysis.attention_maps import write_attention_maps
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     layers = None
     if args.layers:
         try:

@@ -7,8 +7,13 @@ Each process gets ``--coordinator localhost:PORT --num-processes N --process-id 
 and, on CPU, ``--devices-per-process`` fake devices (XLA's host-platform device count), so a
 laptop can rehearse a multi-host job: the processes exchange data through gloo exactly as
 hosts of a cluster would through the network. Process 0's output is shown; the others' go to
-``--log-dir`` (default: a temporary directory). The exit status is the first non-zero one; when a
-process fails, the others are stopped.
+``--log-dir`` (default: a temporary directory). The exit status is the first non-zero one.
+
+Signals go to the launcher, as a scheduler's would to a job: SIGTERM, SIGINT (Ctrl-C) and
+SIGUSR1 are passed on to every process once (the processes run in their own session, so a
+terminal's Ctrl-C does not reach them twice), and they save and stop (status 75) or save and go
+on together. When a process fails any other way, the others are killed: they could not finish
+a collective step without it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+PREEMPTED = 75  # a process that saved and stopped on a signal: the others do the same
 
 
 def free_port() -> int:
@@ -49,27 +56,31 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
         out = None if i == 0 else open(log_dir / f"process_{i}.log", "a")  # noqa: SIM115
         logs.append(out)
         procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT
-                                      if out else None))
+                                      if out else None, start_new_session=True))
+
+    def forward(signum, frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     status = 0
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0, PREEMPTED)]
             if failed:
                 status = failed[0]
                 for p in procs:
                     if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
+                        p.kill()
                 break
             time.sleep(0.2)
         for p in procs:
             p.wait()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        status = 130
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for f in logs:
             if f is not None:
                 f.close()

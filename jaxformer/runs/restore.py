@@ -7,6 +7,8 @@ are read (no optimizer state), onto one device, in the looped layout (blocks as 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def read_run_config(run_dir: Path) -> Config:
     """The config of the run in ``run_dir``; a UserError when it is not a run dir."""
     run_dir = Path(run_dir)
@@ -31,20 +37,21 @@ def read_run_config(run_dir: Path) -> Config:
     return cfg
 
 
-def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, dict[str, Any]]:
-    """-> (the run's config, the parameters of its latest checkpoint or of ``step``), with the
-    blocks as a list (a run trained with scanned layers comes back with scan_layers off)."""
+def load_run(run_dir: Path, step: int | None = None, *,
+             warn: Callable[[str], None] = _to_stderr) -> tuple[Config, dict[str, Any]]:
+    """-> (the run's config, the parameters of its newest readable checkpoint or of
+    ``step``), with the blocks as a list (a run trained with scanned layers comes back with
+    scan_layers off). An unreadable newest checkpoint is skipped with a ``warn`` line."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
+    directory = run_dir / rundir.CHECKPOINT_DIR
+    if not Checkpointer.exists(directory):
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    ckpt = Checkpointer(directory, cfg.checkpoint.keep, create=False)
     try:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise UserError(f"{run_dir} has no checkpoint yet")
-        if step is not None and step not in ckpt.manager.all_steps():
-            raise UserError(f"{run_dir} has no checkpoint at step {step} "
-                            f"(have {sorted(ckpt.manager.all_steps())})")
-        params = ckpt.restore_params(abstract_params(cfg), latest if step is None else step)
+        if step is not None and step not in ckpt.steps():
+            raise UserError(f"{run_dir} has no checkpoint at step {step} (have {ckpt.steps()})")
+        params = ckpt.restore_params(abstract_params(cfg), step, warn=warn)
     finally:
         ckpt.close()
     model_cfg, _, params = looped(cfg.model, params)

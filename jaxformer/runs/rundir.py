@@ -1,7 +1,8 @@
 """Run directories: the saved config, the tokenizer, and refusing conflicting reuse.
 
 Layout of ``runs/<name>/``: ``config.json`` (resolved config), ``tokenizer.json``,
-``checkpoints/<step>/`` (orbax), TensorBoard event files, ``samples.txt``.
+``data.json`` (what the data source held: files, sizes, content hashes), ``checkpoints/<step>/``
+(orbax), TensorBoard event files, ``samples.txt``, ``.lock`` (who trains in it now).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 from jaxformer import config as config_lib
 from jaxformer import objectives  # noqa: F401 - registers objective.kind and its checks
 from jaxformer.config import Config
+from jaxformer.data.manifest import describe_change
 from jaxformer.errors import UserError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
+DATA_FILE = "data.json"
 
 # Keys that may change between invocations on one run dir without changing what is trained
 # (the mesh too: a checkpoint restores onto any mesh, and the batch is a function of the step).
@@ -30,7 +33,7 @@ def read_config(run_dir: Path) -> Config | None:
         return None
     try:
         return config_lib.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, UserError) as e:
+    except (ValueError, TypeError, UserError) as e:  # JSON and Unicode decode errors
         raise UserError(f"{path} is not a readable jaxformer config: {e}") from e
 
 
@@ -44,9 +47,37 @@ def check_compatible(saved: Config, new: Config, run_dir: Path, allow_change: bo
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    path = Path(run_dir) / CONFIG_FILE
+    _write_atomic(Path(run_dir) / CONFIG_FILE, config_lib.to_json(cfg) + "\n")
+
+
+def check_data(run_dir: Path, manifest: dict, allow_change: bool) -> str | None:
+    """Refuses to resume on data that changed since the run began (a file added, changed or
+    removed would silently change every later batch); -> a note when allowed anyway."""
+    path = Path(run_dir) / DATA_FILE
+    if not path.is_file():
+        return None  # a run from before data.json was written: nothing to compare with
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable ({e}); move it away to resume without the "
+                        "data check") from e
+    change = describe_change(saved, manifest)
+    if change is None:
+        return None
+    if not allow_change:
+        raise UserError(f"{change}; resuming would train on different batches than the run "
+                        "began with. Restore the data, or pass --allow-data-change to go on "
+                        "with the new data")
+    return f"warning: {change}; going on with the new data (--allow-data-change)"
+
+
+def write_data_manifest(run_dir: Path, manifest: dict) -> None:
+    _write_atomic(Path(run_dir) / DATA_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(config_lib.to_json(cfg) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

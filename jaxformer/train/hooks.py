@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from jaxformer import inference
+from jaxformer.errors import DivergedError
 from jaxformer.models.build import looped
+from jaxformer.runs.checkpoint import CheckpointSaveError
 from jaxformer.train.flops import flops_per_token, mfu
 from jaxformer.train.reporting import format_metrics
 
@@ -37,6 +39,9 @@ class MetricsLogger:
     def __init__(self, run: Run, end: int):
         cfg = run.cfg
         self.every, self.end = cfg.log.every, end
+        self.max_bad_steps = cfg.train.max_bad_steps
+        self.bad_streak = 0  # non-finite steps in a row, up to the last fetched one
+        self.skipped_total = 0
         self.pending: list[tuple[int, Metrics]] = []
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -53,24 +58,50 @@ class MetricsLogger:
         self.last_time, self.last_step = now, step
         for s, m in fetched:
             run.losses[s] = float(m["loss"])
+        skipped = [s for s, m in fetched if m["skipped"]]
         values = self.values(run, step, fetched, elapsed)
         run.reporter.scalars(step, values, "train")
+        self.check_bad_steps(run, fetched, skipped)
         run.bar.set_postfix(loss=f"{values['loss']:.3f}",
                             tok_s=f"{values['tokens_per_sec']:,.0f}")
         run.say(f"step {step:>6} | {format_metrics(values)}")
+
+    def check_bad_steps(self, run: Run, fetched: list[tuple[int, dict[str, Any]]],
+                        skipped: list[int]) -> None:
+        """Counts the skipped (non-finite) steps; at ``train.max_bad_steps`` in a row the run
+        stops (``DivergedError``). Checked here, where the metrics reach the host anyway, so the
+        steps in between never wait on the device."""
+        if skipped:
+            self.skipped_total += len(skipped)
+            run.say(f"warning: step(s) {_ranges(skipped)} had a non-finite loss or gradient; "
+                    f"their updates were skipped ({self.skipped_total} so far)")
+        for s, m in fetched:
+            self.bad_streak = self.bad_streak + 1 if m["skipped"] else 0
+            if self.bad_streak >= self.max_bad_steps:
+                first = s - self.bad_streak + 1
+                latest = run.ckpt.latest_step()
+                raise DivergedError(
+                    f"training diverged: steps {first}-{s} all had a non-finite loss or "
+                    f"gradient (train.max_bad_steps={self.max_bad_steps} in a row); their "
+                    f"updates were skipped, so no checkpoint holds non-finite weights (latest: "
+                    f"{'none' if latest is None else f'step {latest}'}); lower train.lr or "
+                    "check the data, then resume with --allow-config-change")
 
     def values(self, run: Run, step: int, fetched: list[tuple[int, dict[str, Any]]],
                elapsed: float) -> dict[str, float]:
         m = fetched[-1][1]
         tps = self.tokens_per_step / elapsed
+        # Skipped steps' metrics are NaN or Inf: the interval's means leave them out.
+        good = [f for f in fetched if not f[1]["skipped"]] or fetched
 
         def mean(key: str) -> float:
-            return float(np.mean([f[1][key] for f in fetched]))
+            return float(np.mean([f[1][key] for f in good]))
 
         values = {"loss": mean("loss"), "accuracy": float(m["accuracy"]), "lr": float(m["lr"]),
                   "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
                   "tokens_per_sec": tps, "step_time_s": elapsed,
-                  "mfu_percent": 100 * mfu(self.fpt, tps, run.rt.mesh.size, run.peak.flops)}
+                  "mfu_percent": 100 * mfu(self.fpt, tps, run.rt.mesh.size, run.peak.flops),
+                  "skipped_steps": float(sum(bool(f[1]["skipped"]) for f in fetched))}
         o, model = run.cfg.objective, run.cfg.model
         if o.label_smoothing or o.z_loss:
             values.update(nll=mean("nll"), z_loss=mean("z_loss"))
@@ -122,14 +153,36 @@ def evaluate(run: Run, params: Any) -> dict[str, float]:
 
 
 class CheckpointSaver:
-    """Every ``checkpoint.every`` steps and at the invocation's last step ``end``."""
+    """Every ``checkpoint.every`` steps and at the invocation's last step ``end``. A failed
+    save (found at once, or when a background write reports it) stops the run, or with
+    ``checkpoint.on_error=retry`` is reported and tried again at the next interval."""
 
     def __init__(self, end: int):
         self.end = end
 
     def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
-        if step % run.cfg.checkpoint.every == 0 or step == self.end:
-            run.save()
+        due = step % run.cfg.checkpoint.every == 0 or step == self.end
+        try:
+            run.ckpt.check()  # a background write that failed since (does not wait)
+            if due:
+                run.save()
+        except CheckpointSaveError as e:
+            if run.cfg.checkpoint.on_error != "retry":
+                raise
+            run.say(f"warning: {e}; training goes on (checkpoint.on_error=retry), the next "
+                    "save is at the next interval")
+            if step == self.end:
+                raise
+
+
+def _ranges(steps: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    parts, start = [], steps[0]
+    for prev, cur in zip(steps, [*steps[1:], None], strict=True):
+        if cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
 
 
 def host_params(params: Any) -> Any:

@@ -8,8 +8,10 @@ checkpoints (``jaxformer.train.hooks``); callers add their own through ``train(h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,18 +22,20 @@ import tqdm
 from jaxformer import inference
 from jaxformer.config import Config
 from jaxformer.data.tokenizer import save_tokenizer
-from jaxformer.errors import UserError
+from jaxformer.errors import PreemptedError, UserError
 from jaxformer.models.build import looped
 from jaxformer.objectives import Objective, Task, get_objective
 from jaxformer.objectives.tasks import build_task
 from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
+from jaxformer.runs.lock import RunLock
 from jaxformer.train.flops import PeakFlops, count_params, flops_per_token, peak_flops
 from jaxformer.train.hooks import CheckpointSaver, Evaluator, Hook, MetricsLogger, host_params
 from jaxformer.train.init_from import load_params, state_from_params
 from jaxformer.train.reporting import Reporter
 from jaxformer.train.runtime import Runtime, build_runtime, format_memory
 from jaxformer.train.schedule_change import check_schedule_change
+from jaxformer.train.signals import SignalRequests
 
 
 @dataclasses.dataclass
@@ -68,6 +72,7 @@ class Run:
     losses: dict[int, float] = dataclasses.field(default_factory=dict)
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     bar: Any = None
+    lock: RunLock | None = None  # process 0's lock on the run dir
 
     @property
     def step(self) -> int:
@@ -87,34 +92,44 @@ class Run:
 
 
 def train(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change: bool = False,
-          stop_at: int | None = None, echo: Callable[[str], None] = print,
-          progress: bool = True, devices: list[jax.Device] | None = None,
-          hooks: Sequence[Hook] = ()) -> TrainResult:
+          allow_data_change: bool = False, stop_at: int | None = None,
+          echo: Callable[[str], None] = print, progress: bool = True,
+          devices: list[jax.Device] | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
     """Trains (or resumes) the run in ``run_dir``. ``stop_at`` ends this invocation early at
     that step, as an interruption would, saving a checkpoint first. ``hooks`` run after every
-    step, after the built-in ones (metrics, evaluation, checkpoints)."""
-    run = setup(cfg, run_dir, allow_config_change=allow_config_change, echo=echo,
-                progress=progress, devices=devices)
+    step, after the built-in ones (metrics, evaluation, checkpoints).
+
+    Raises ``errors.PreemptedError`` after SIGTERM/SIGINT (checkpoint saved),
+    ``errors.DivergedError`` after ``train.max_bad_steps`` non-finite steps in a row,
+    ``CheckpointSaveError`` when a save fails; the run dir's lock is released whatever
+    happens."""
+    run = setup(cfg, run_dir, allow_config_change=allow_config_change,
+                allow_data_change=allow_data_change, echo=echo, progress=progress,
+                devices=devices)
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     all_hooks = [MetricsLogger(run, end), Evaluator(run), CheckpointSaver(end), *hooks]
     try:
         run_steps(run, end, all_hooks)
-    except KeyboardInterrupt:
+        return finish(run)
+    except BaseException:
         run.bar.close()
-        run.save()
-        run.ckpt.close()
+        with contextlib.suppress(Exception):  # the error on its way out says what failed
+            run.ckpt.close()
+        raise
+    finally:
         run.reporter.close()
-        raise UserError(f"interrupted at step {run.step}; checkpoint saved in {run.run_dir}; "
-                        "run the same command again to resume") from None
-    return finish(run)
+        if run.lock is not None:
+            run.lock.release()
 
 
 def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change: bool = False,
-          echo: Callable[[str], None] = print, progress: bool = True,
-          devices: list[jax.Device] | None = None) -> Run:
+          allow_data_change: bool = False, echo: Callable[[str], None] = print,
+          progress: bool = True, devices: list[jax.Device] | None = None) -> Run:
     """Checks, data, state and the compiled step. Everything that can fail on user input
     happens before the run dir is touched."""
     run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run dir {run_dir} is a file, not a directory")
     saved = rundir.read_config(run_dir)
     has_checkpoint = Checkpointer.exists(run_dir / rundir.CHECKPOINT_DIR)
     if saved is not None:
@@ -130,8 +145,28 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
     lead = jax.process_index() == 0
     if not lead:
         echo, progress = (lambda _: None), False
+    # One training process per run dir (process 0 of a job holds it). An existing dir is
+    # locked at once; a new one when it is created, once the input has passed every check.
+    locks = [RunLock.acquire(run_dir, echo)] if lead and run_dir.is_dir() else []
+    try:
+        run = _setup_locked(cfg, run_dir, rt, peak, lead, has_checkpoint, echo, progress,
+                            locks, allow_data_change)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    run.lock = locks[0] if locks else None
+    return run
 
+
+def _setup_locked(cfg: Config, run_dir: Path, rt: Runtime, peak: PeakFlops, lead: bool,
+                  has_checkpoint: bool, echo: Callable[[str], None], progress: bool,
+                  locks: list[RunLock], allow_data_change: bool) -> Run:
     task = _build_data(cfg, run_dir, echo)
+    if has_checkpoint and task.data_manifest is not None:
+        note = rundir.check_data(run_dir, task.data_manifest, allow_data_change)
+        if note:
+            echo(note)
     if task.tokenizer is not None and task.tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {task.tokenizer.get_vocab_size()} tokens but "
                         f"model.vocab_size is {cfg.model.vocab_size}")
@@ -139,9 +174,13 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
                               if cfg.train.init_from and not has_checkpoint else (None, ""))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep)
+    if lead and not locks:
+        locks.append(RunLock.acquire(run_dir, echo))
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
     if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(rt.abstract_state())
+        # The newest checkpoint that reads back whole; unreadable newer ones are moved aside.
+        state, _ = ckpt.restore(rt.abstract_state(), warn=echo)
         echo(f"resumed {run_dir} from step {int(state.step)}")
     elif init_params is not None:
         state = state_from_params(init_params, cfg.model, rt.tx, rt.mesh, rt.rules)
@@ -150,6 +189,8 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
         state = rt.init_state()
     if lead:
         rundir.write_config(run_dir, cfg)
+        if task.data_manifest is not None:
+            rundir.write_data_manifest(run_dir, task.data_manifest)
         if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
             save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
 
@@ -170,12 +211,25 @@ def setup(cfg: Config, run_dir: Path | str | None = None, *, allow_config_change
 
 
 def run_steps(run: Run, end: int, hooks: Sequence[Hook]) -> None:
-    """Steps ``run.start + 1 .. end``; after each, every hook in order."""
-    for step in range(run.start + 1, end + 1):
-        run.state, metrics = run.train_step(run.state, run.train_batch(step - 1))
-        run.bar.update(1)
-        for hook in hooks:
-            hook.after_step(run, step, metrics)
+    """Steps ``run.start + 1 .. end``; after each, every hook in order, then the requests of
+    signals (``jaxformer.train.signals``): SIGUSR1 saves, SIGTERM/SIGINT save and stop."""
+    with SignalRequests(run.cfg.checkpoint.grace_period) as signals:
+        for step in range(run.start + 1, end + 1):
+            run.state, metrics = run.train_step(run.state, run.train_batch(step - 1))
+            run.bar.update(1)
+            for hook in hooks:
+                hook.after_step(run, step, metrics)
+            stop, save = signals.agree(step, run.cfg.log.every)
+            if save or stop is not None:
+                run.save()
+                run.ckpt.wait()
+            if save:
+                signals.save = False
+                run.say(f"step {step:>6} | checkpoint saved (SIGUSR1)")
+            if stop is not None:
+                raise PreemptedError(f"stopped by {signal.Signals(stop).name} at step {step}; "
+                                f"checkpoint saved in {run.run_dir}; run the same command "
+                                "again to resume")
     run.bar.close()
     run.ckpt.close()
 

@@ -114,6 +114,8 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
 def format_metrics(values: dict[str, float]) -> str:
     parts = []
     for name, value in values.items():
+        if name == "skipped_steps" and not value:
+            continue  # in TensorBoard always, on the console only when there were some
         if name in ("tokens_per_sec",):
             parts.append(f"{name} {value:,.0f}")
         elif name in ("lr",):

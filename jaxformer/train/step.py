@@ -127,15 +127,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         grads = jax.tree.map(lambda g: (g / n).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient (an overflow, a poisoned batch) would write NaN into
+        # every parameter and moment; instead the step changes nothing but the step count,
+        # so its batch is skipped, and the host counts these steps (train.max_bad_steps).
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": sums["loss_sum"] / n,
             "nll": sums["nll_sum"] / n,
             "z_loss": sums["z_loss_sum"] / n,
             "accuracy": sums["correct_sum"] / n,
             "target_tokens": sums["weight_sum"],
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
+            "skipped": 1.0 - finite.astype(jnp.float32),  # 1: the update was not applied
         }
         metrics.update({k[:-len("_sum")]: v / n for k, v in sums.items()
                         if k.startswith("moe_")})

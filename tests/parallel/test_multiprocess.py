@@ -1,14 +1,17 @@
 """A real multi-process job on this machine: 2 processes x 2 fake CPU devices joined by
 jax.distributed (gloo), launched through scripts/launch_local.py with the FSDP preset.
 
-The job is killed after step 5 (``tests/crash_train.py``), relaunched, resumes from the
-step-4 checkpoint and finishes; its per-step train losses and final eval loss equal those of one
-process driving the same 4-device mesh, and only process 0 wrote anything into the run dir.
+Process 1 alone gets SIGTERM after step 5 (``tests/crash_train.py``), as a scheduler preempting
+one host would: both processes agree to stop at that step, save a step-5 checkpoint together and
+exit with status 75. Relaunched, the job resumes from step 5 and finishes; its per-step train
+losses and final eval loss equal those of one process driving the same 4-device mesh, and only
+process 0 wrote anything into the run dir.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +39,19 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
 
 
-def _train_args(corpus: Path, run_dir: Path, crash_after: int | None = None) -> list[str]:
+def _train_args(corpus: Path, run_dir: Path, fault: str | None = None) -> list[str]:
     sets = [a for kv in [*TINY, f"data.source={corpus}"] for a in ("--set", kv)]
-    command = (["-m", "jaxformer.cli"] if crash_after is None else
-               ["-m", "tests.crash_train", str(crash_after)])
+    command = (["-m", "jaxformer.cli"] if fault is None else
+               ["-m", "tests.crash_train", fault])
     return [sys.executable, *command, "train", EXPERIMENT, "--run-dir", str(run_dir),
             "--no-progress", *sets]
 
 
-def _launch(corpus: Path, run_dir: Path, log_dir: Path, crash_after: int | None = None
+def _launch(corpus: Path, run_dir: Path, log_dir: Path, fault: str | None = None
             ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2",
            "--devices-per-process", "2", "--log-dir", str(log_dir), "--",
-           *_train_args(corpus, run_dir, crash_after)]
+           *_train_args(corpus, run_dir, fault)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
 
@@ -64,7 +67,7 @@ def runs(tmp_path_factory) -> dict:
     run = tmp / "multi"
     out: dict = {"run": run, "tmp": tmp}
 
-    crashed = _launch(corpus, run, tmp / "logs_1", crash_after=CRASH_AFTER)
+    crashed = _launch(corpus, run, tmp / "logs_1", fault=f"{CRASH_AFTER}:SIGTERM:1")
     out["crashed"] = crashed
     out["crashed_files"] = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
     out["crashed_events"] = _event_files(run)
@@ -90,22 +93,24 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
-def test_crash_exits_75_after_saving_step_4(runs):
+def test_sigterm_to_one_process_stops_both_at_step_5_with_a_checkpoint(runs):
     crashed = runs["crashed"]
     assert crashed.returncode == 75, (crashed.returncode, crashed.stderr[-3000:])
     assert "launch_local: exit status 75" in crashed.stderr
-    assert runs["crashed_checkpoints"] == [4], runs["crashed_checkpoints"]
+    assert runs["crashed_checkpoints"] == [4, 5], runs["crashed_checkpoints"]
     assert f"step {CRASH_AFTER:>6} |" in crashed.stdout  # process 0 got through step 5
     assert f"step {CRASH_AFTER + 1:>6} |" not in crashed.stdout
-    # Process 1 was alive until the end too: it joined the mesh and left with status 75.
+    assert f"stopped by SIGTERM at step {CRASH_AFTER}" in crashed.stderr
+    # Process 1, which got the signal, stopped at the same step, cleanly.
     log_1 = (runs["tmp"] / "logs_1" / "process_1.log").read_text()
     assert "Traceback" not in log_1, log_1[-3000:]
+    assert f"stopped by SIGTERM at step {CRASH_AFTER}" in log_1
 
 
-def test_relaunch_resumes_from_step_4_and_finishes(runs):
+def test_relaunch_resumes_from_step_5_and_finishes(runs):
     resumed = runs["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed {runs['run']} from step 4" in resumed.stdout
+    assert f"resumed {runs['run']} from step {CRASH_AFTER}" in resumed.stdout
     assert f"done: step {STEPS}" in resumed.stdout
     assert "over 2 process(es)" in resumed.stdout and "mesh fsdp=4" in resumed.stdout
     ckpts = sorted(int(p.name) for p in (runs["run"] / "checkpoints").iterdir()
@@ -120,10 +125,11 @@ def test_only_process_0_writes(runs):
     assert len(runs["resumed_events"]) == 2, runs["resumed_events"]
     names = sorted(p.name for p in runs["run"].iterdir())
     assert [n for n in names if not n.startswith("events.out.tfevents.")] == [
-        "checkpoints", "config.json", "tokenizer.json"], names
+        ".lock", "checkpoints", "config.json", "data.json", "tokenizer.json"], names
     for log_dir in ("logs_1", "logs_2"):
         log = (runs["tmp"] / log_dir / "process_1.log").read_text()
-        assert "step " not in log and "resumed" not in log and "done:" not in log, log[-2000:]
+        assert not re.search(r"^step +\d+ \|", log, re.M), log[-2000:]
+        assert "resumed" not in log and "done:" not in log, log[-2000:]
 
 
 def test_train_losses_match_one_process_at_every_step(runs):

@@ -42,22 +42,6 @@ def test_conflicting_config_is_refused_unless_allowed(tmp_path):
     assert out.start_step == 2 and out.final_step == 3
 
 
-def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
-    source = str(write_corpus(tmp_path / "corpus"))
-    cfg = small_config(source)
-    whole = train(cfg, tmp_path / "whole", progress=False, echo=lambda s: None)
-
-    def interrupt_after_step_3(line: str) -> None:
-        if line.startswith("step      3 |"):
-            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the loop
-
-    with pytest.raises(UserError, match="interrupted at step 3; checkpoint saved"):
-        train(cfg, tmp_path / "run", progress=False, echo=interrupt_after_step_3)
-    rest = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
-    assert rest.start_step == 3
-    assert all(rest.losses[s] == whole.losses[s] for s in range(4, 9))
-
-
 def test_checkpoint_of_another_shape_names_the_parameter(tmp_path):
     source = str(write_corpus(tmp_path / "corpus"))
     run = tmp_path / "run"
