@@ -24,6 +24,7 @@ from jaxformer.train.flops import (
     PeakFlops,
     count_params,
     flops_per_token,
+    implausible_mfu_note,
     mfu,
     peak_flops,
 )
@@ -101,6 +102,10 @@ def bench(cfg: Config, steps: int, warmup: int = 2, echo: Callable[[str], None] 
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / step_time
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    mfu_percent = 100 * mfu(fpt, tokens_per_sec, mesh.size, peak.flops)
+    note = implausible_mfu_note(mfu_percent, peak)
+    if note:
+        echo(note)
     return {
         "params": count_params(state.params),
         "tokens_per_sec": _round(tokens_per_sec),
@@ -108,7 +113,7 @@ def bench(cfg: Config, steps: int, warmup: int = 2, echo: Callable[[str], None] 
         "step_time_min_s": _round(min(times)),
         "compile_s": _round(compile_s, 3),
         "flops_per_token": int(fpt),
-        "mfu_percent": _round(100 * mfu(fpt, tokens_per_sec, mesh.size, peak.flops), 3),
+        "mfu_percent": _round(mfu_percent, 3),
         "peak_flops": _round(peak.flops),
         "peak_flops_source": peak.source,
         "n_devices": int(mesh.size),

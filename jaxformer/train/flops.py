@@ -229,6 +229,16 @@ def measure_cpu_matmul_peak(dtype: str = "float32", n: int = _PEAK_N,
     return 2.0 * n**3 / best
 
 
+def implausible_mfu_note(mfu_percent: float, peak: PeakFlops) -> str | None:
+    """A warning when MFU is above 100%: the peak it divides by is below what the device just
+    did (a CPU peak measured while the machine was busy, or a stated one too low)."""
+    if mfu_percent <= 100:
+        return None
+    return (f"warning: MFU {mfu_percent:.0f}% is above 100%: the {peak.describe()} is below "
+            "what this run reaches; re-measure it with `jaxformer bench --measure-peak` on an "
+            "idle machine, or state it with JAXFORMER_PEAK_FLOPS")
+
+
 def mfu(flops_per_tok: float, tokens_per_sec: float, n_devices: int, peak_per_device: float
         ) -> float:
     """Model FLOPs utilization as a fraction (0.47); logs and ``bench`` show it as a

@@ -18,7 +18,7 @@ from jaxformer import inference
 from jaxformer.errors import DivergedError
 from jaxformer.models.build import looped
 from jaxformer.runs.checkpoint import CheckpointSaveError
-from jaxformer.train.flops import flops_per_token, mfu
+from jaxformer.train.flops import flops_per_token, implausible_mfu_note, mfu
 from jaxformer.train.reporting import format_metrics
 
 if TYPE_CHECKING:  # the loop imports this module; the type only names it
@@ -42,6 +42,7 @@ class MetricsLogger:
         self.max_bad_steps = cfg.train.max_bad_steps
         self.bad_streak = 0  # non-finite steps in a row, up to the last fetched one
         self.skipped_total = 0
+        self.warned_mfu = False
         self.pending: list[tuple[int, Metrics]] = []
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -60,6 +61,10 @@ class MetricsLogger:
             run.losses[s] = float(m["loss"])
         skipped = [s for s, m in fetched if m["skipped"]]
         values = self.values(run, step, fetched, elapsed)
+        note = implausible_mfu_note(values["mfu_percent"], run.peak)
+        if note and not self.warned_mfu:
+            self.warned_mfu = True
+            run.say(note)
         run.reporter.scalars(step, values, "train")
         self.check_bad_steps(run, fetched, skipped)
         run.bar.set_postfix(loss=f"{values['loss']:.3f}",

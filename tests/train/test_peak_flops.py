@@ -141,3 +141,16 @@ def test_bad_stated_peak_stops_training_before_the_run_dir_is_written(monkeypatc
     with pytest.raises(UserError, match="JAXFORMER_PEAK_FLOPS='-5'"):
         train(tiny_config(), tmp_path / "run", progress=False, echo=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_mfu_above_100_percent_warns_that_the_peak_is_too_low(monkeypatch):
+    """A CPU peak measured while the machine was busy once gave 144% MFU on this machine."""
+    from jaxformer.train.bench import bench
+
+    monkeypatch.setenv("JAXFORMER_PEAK_FLOPS", "1e3")  # far below any real device
+    lines: list[str] = []
+    result = bench(tiny_config(), steps=1, warmup=0, echo=lines.append)
+    assert result["mfu_percent"] > 100
+    assert any(line.startswith("warning: MFU") and "above 100%" in line
+               and "--measure-peak" in line for line in lines), lines
+    assert flops.implausible_mfu_note(99.9, flops.PeakFlops(1e3, "stated")) is None
