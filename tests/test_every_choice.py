@@ -67,6 +67,7 @@ COMBINABLE: dict[str, str | dict[object, tuple[str, ...]]] = {
     "model.remat": GENERIC,
     "model.scan_layers": GENERIC,
     "train.schedule": GENERIC,
+    "checkpoint.on_error": GENERIC,  # what a failed save does; tests/train/test_faults.py fails one
     "mesh.preset": {"data": (), "fsdp": (), "sequence": (), "fsdp_tensor": ONE_DEVICE_TENSOR,
                     "expert": ("model.n_experts=2", "model.experts_top_k=1",
                                "model.moe_d_ff=32")},
