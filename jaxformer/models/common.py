@@ -235,8 +235,10 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x: jnp.ndarray, inputs: AttentionInputs, *,
                  context: jnp.ndarray | None = None, cross_inputs: AttentionInputs | None = None,
                  cache: LayerCache | None = None, cache_index: jnp.ndarray | None = None,
+                 cross_kv: LayerCache | None = None,
                  dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
-        """x: [B, T, D]; context: [B, S, D] encoder output for cross-attention.
+        """x: [B, T, D]; context: [B, S, D] encoder output for cross-attention; cross_kv: its
+        keys and values from ``cross_attn.context_kv`` (then ``context`` is not used).
         -> ([B, T, D], updated self-attention cache)."""
         rngs = split_rng(dropout_rng, 5)
         new_cache = None
@@ -252,8 +254,8 @@ class TransformerBlock(nnx.Module):
             ci = cross_inputs or AttentionInputs()
 
             def cross_attn(h):
-                return self.cross_attn(h, context=context, dropout_rng=rngs[2],
-                                       **ci.kwargs())[0]
+                return self.cross_attn(h, context=context, context_kv=cross_kv,
+                                       dropout_rng=rngs[2], **ci.kwargs())[0]
 
             x = self._residual(x, self.cross_norm, cross_attn, rngs[3])
         x = self._residual(x, self.mlp_norm, partial(self._feed_forward, inputs=inputs), rngs[4])

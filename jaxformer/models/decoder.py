@@ -24,7 +24,7 @@ from jaxformer.models.common import (
     token_table,
 )
 from jaxformer.models.layer_stack import apply_blocks, make_blocks
-from jaxformer.nn.attention import LayerCache, decode_mask
+from jaxformer.nn.attention import LayerCache, decode_mask, decode_positions
 from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
 
@@ -98,19 +98,24 @@ class DecoderLM(nnx.Module):
                 for _ in range(cfg.n_layers)]
 
     def decode(self, tokens: jnp.ndarray, cache: list[LayerCache] | list[MLACache],
-               cache_index: jnp.ndarray) -> tuple[jnp.ndarray, list]:
-        """Incremental forward pass for one unpadded sequence per row.
+               cache_index: jnp.ndarray, *, offsets: jnp.ndarray | None = None,
+               prefix_end: jnp.ndarray | int | None = None) -> tuple[jnp.ndarray, list]:
+        """Incremental forward pass: tokens [B, T] int written at cache slots cache_index ..
+        cache_index + T - 1 (a prompt when cache_index == 0, then one token at a time, or a few
+        at once to verify a draft) -> (logits [B, T, V], new cache).
 
-        tokens: [B, T] int, placed at positions cache_index .. cache_index + T - 1 (a prompt
-        when cache_index == 0, then one token at a time) -> (logits [B, T, V], new cache).
+        offsets: [B] int, left-padding slots per row (None: none): a row's positions count from
+        its first real slot and its padding is never attended to. prefix_end: slots below it
+        attend to each other both ways, as a prefix-LM's prefix was trained (None: causal).
         """
         b, t = tokens.shape
         s = next(iter(cache[0].values())).shape[1]  # cache length (LayerCache or MLACache)
-        positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-        key_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        positions = decode_positions(b, t, cache_index, offsets)
+        key_positions = decode_positions(b, s, jnp.zeros((), jnp.int32), offsets)
         inputs = AttentionInputs(
             q_positions=positions, bias=self.rel_bias(positions, key_positions),
-            mask=decode_mask(b, t, s, cache_index, window=self.cfg.sliding_window or None))
+            mask=decode_mask(b, t, s, cache_index, window=self.cfg.sliding_window or None,
+                             offsets=offsets, prefix_end=prefix_end))
         x = self.inputs(self.embed, tokens, positions)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):

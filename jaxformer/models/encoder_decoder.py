@@ -123,15 +123,22 @@ class EncoderDecoderLM(nnx.Module):
         return [LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                 for _ in range(len(self.decoder))]
 
-    def decode(self, dec_tokens: jnp.ndarray, memory: jnp.ndarray,
+    def cross_cache(self, memory: jnp.ndarray) -> list[LayerCache]:
+        """Every decoder layer's cross-attention keys and values of ``memory`` [B, S, D]
+        (from ``encode``), computed once per source for ``decode``."""
+        return [block.cross_attn.context_kv(memory) for block in self.decoder]
+
+    def decode(self, dec_tokens: jnp.ndarray, memory: jnp.ndarray | None,
                enc_segment_ids: jnp.ndarray | None, cache: list[LayerCache],
-               cache_index: jnp.ndarray) -> tuple[jnp.ndarray, list[LayerCache]]:
+               cache_index: jnp.ndarray, *, cross_kv: list[LayerCache] | None = None
+               ) -> tuple[jnp.ndarray, list[LayerCache]]:
         """Incremental decoder pass, one unpadded target per row.
 
         dec_tokens: [B, T] int at target positions cache_index .. cache_index + T - 1;
         memory: [B, S, D] from ``encode``; enc_segment_ids: [B, S] (nonzero = real source token;
-        None: all real). The cross-attention keys and values are recomputed from ``memory`` at
-        every call. -> (logits [B, T, V] float32, new cache).
+        None: all real); cross_kv: ``cross_cache(memory)``, so that the cross-attention keys and
+        values are not projected again at every step (then ``memory`` may be None).
+        -> (logits [B, T, V] float32, new cache).
         """
         b, t = dec_tokens.shape
         c = cache[0]["k"].shape[1]
@@ -140,14 +147,16 @@ class EncoderDecoderLM(nnx.Module):
         inputs = AttentionInputs(
             q_positions=positions, bias=self.dec_rel_bias(positions, key_positions),
             mask=decode_mask(b, t, c, cache_index, window=self.cfg.sliding_window or None))
-        enc_valid = (jnp.ones(memory.shape[:2], bool) if enc_segment_ids is None
+        src_len = memory.shape[1] if cross_kv is None else cross_kv[0]["k"].shape[1]
+        enc_valid = (jnp.ones((b, src_len), bool) if enc_segment_ids is None
                      else enc_segment_ids != 0)
         cross = AttentionInputs(mask=padding_mask(jnp.ones((b, t), bool), enc_valid))
         x = self.dec_inputs(self.embed, dec_tokens, positions)
         new_cache = []
-        for block, layer_cache in zip(self.decoder, cache, strict=True):
+        for i, (block, layer_cache) in enumerate(zip(self.decoder, cache, strict=True)):
             x, layer_cache = block(x, inputs, context=memory, cross_inputs=cross,
-                                   cache=layer_cache, cache_index=cache_index)
+                                   cache=layer_cache, cache_index=cache_index,
+                                   cross_kv=None if cross_kv is None else cross_kv[i])
             new_cache.append(layer_cache)
         return self._logits(x), new_cache
 

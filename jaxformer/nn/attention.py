@@ -50,16 +50,52 @@ class Rope:
 
 
 def decode_mask(batch: int, query_len: int, cache_len: int, cache_index: jnp.ndarray, *,
-                window: int | None = None) -> jnp.ndarray:
-    """Mask for decoding with a cache: query i sits at absolute index cache_index + i and sees
-    every cached key at an index not after it (and, with a sliding window, fewer than
-    ``window`` positions before it). -> [B, 1, T, S] bool."""
-    q_idx = (cache_index + jnp.arange(query_len))[:, None]  # [T, 1]
+                window: int | None = None, offsets: jnp.ndarray | None = None,
+                prefix_end: jnp.ndarray | int | None = None) -> jnp.ndarray:
+    """Mask for decoding with a cache: query i sits at slot cache_index + i and sees every
+    cached key at a slot not after it (and, with a sliding window, fewer than ``window`` slots
+    before it). cache_index: a scalar (every row at one slot) or [B] (each row at its own:
+    continuous batching).
+
+    offsets: [B] int, the left-padding slots of each row (a batch of prompts of different
+    lengths is right-aligned): keys at slots below a row's offset are hidden from it.
+    prefix_end: slots below it form a bidirectional prefix (a prefix-LM prompt): a query there
+    sees every key there. -> [B, 1, T, S] bool.
+    """
+    index = jnp.asarray(cache_index)
+    q_idx = (index[..., None] + jnp.arange(query_len))[..., None]  # [T, 1] or [B, T, 1]
     k_idx = jnp.arange(cache_len)[None, :]  # [1, S]
     mask = k_idx <= q_idx
     if window is not None:
         mask &= k_idx > q_idx - window
-    return jnp.broadcast_to(mask, (batch, 1, query_len, cache_len))
+    if prefix_end is not None:
+        mask |= (q_idx < prefix_end) & (k_idx < prefix_end)
+    mask = jnp.broadcast_to(mask.reshape(-1, 1, query_len, cache_len),
+                            (batch, 1, query_len, cache_len))
+    if offsets is not None:
+        mask &= (k_idx >= offsets[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    return mask
+
+
+def decode_positions(batch: int, length: int, start: jnp.ndarray,
+                     offsets: jnp.ndarray | None) -> jnp.ndarray:
+    """Positions of ``length`` slots from slot ``start`` (a scalar or [B]): the slot minus the
+    row's left padding (``offsets`` [B] or None), 0 inside the padding. -> [B, length] int32."""
+    slots = jnp.broadcast_to(jnp.asarray(start)[..., None] + jnp.arange(length), (batch, length))
+    if offsets is None:
+        return slots
+    return jnp.maximum(slots - offsets[:, None], 0)
+
+
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """cache [B, S, ...] with new [B, T, ...] written at slots index .. index + T - 1: one
+    slice when ``index`` is a scalar, a scatter per row when it is [B]."""
+    new = new.astype(cache.dtype)
+    zeros = (0,) * (cache.ndim - 2)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, *zeros))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, *zeros)))(
+        cache, new, index)
 
 
 def attend_and_sow(module: nnx.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
@@ -135,14 +171,22 @@ class Attention(nnx.Module):
         return [s.reshape(b, t, w.shape[1], w.shape[2]) for s, w in zip(splits, weights,
                                                                         strict=True)]
 
+    def context_kv(self, context: jnp.ndarray) -> LayerCache:
+        """The keys and values cross-attention reads from ``context`` [B, S, D] (no rotary:
+        cross-attention has none) -> LayerCache of [B, S, K, H] in the compute dtype."""
+        k, v = self._project(context, ("k", "v"))
+        return LayerCache(k=k, v=v)
+
     def __call__(self, x: jnp.ndarray, *, context: jnp.ndarray | None = None,
                  q_positions: jnp.ndarray | None = None, k_positions: jnp.ndarray | None = None,
                  mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
                  is_causal: bool = False, segment_ids: jnp.ndarray | None = None,
                  window: int | None = None, cache: LayerCache | None = None,
-                 cache_index: jnp.ndarray | None = None,
+                 cache_index: jnp.ndarray | None = None, context_kv: LayerCache | None = None,
                  dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, LayerCache | None]:
-        """x: [B, T, D]; context: [B, S, D] for cross-attention (None: self-attention).
+        """x: [B, T, D]; context: [B, S, D] for cross-attention (None: self-attention);
+        context_kv: the context's keys and values from ``context_kv`` (cross-attention while
+        decoding: projected once per source instead of at every step; ``context`` unused).
 
         q_positions / k_positions: [B, T] / [B, S] int, the rotary positions (k defaults to q).
         mask, bias, is_causal, segment_ids, window: as in ``attention_kernels``.
@@ -154,7 +198,10 @@ class Attention(nnx.Module):
         """
         dt = self.dtype
         b, t, d = x.shape
-        if context is None:
+        if context_kv is not None:
+            (q,) = self._project(x, ("q",))
+            k, v = context_kv["k"].astype(dt), context_kv["v"].astype(dt)
+        elif context is None:
             q, k, v = self._project(x, ("q", "k", "v"))
         else:
             (q,) = self._project(x, ("q",))
@@ -164,9 +211,7 @@ class Attention(nnx.Module):
             q = apply_rope(q, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
             k = apply_rope(k, k_positions, theta=self.rope.theta, fraction=self.rope.fraction)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            k, v = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
             cache = LayerCache(k=k, v=v)
             k, v = k.astype(dt), v.astype(dt)
         kwargs = dict(mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,

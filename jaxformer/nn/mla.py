@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.nn.attention import attend_and_sow
+from jaxformer.nn.attention import attend_and_sow, write_cache
 from jaxformer.nn.attention_kernels import get_attention_fn, reference_attention
 from jaxformer.nn.norms import RMSNorm
 from jaxformer.nn.params import constant_param, normal_param
@@ -173,7 +173,7 @@ class MultiHeadLatentAttention(nnx.Module):
         b, t, d = x.shape
         c, r, p = self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
         if q_positions is None:
-            start = 0 if cache_index is None else cache_index
+            start = 0 if cache_index is None else jnp.asarray(cache_index)[..., None]
             q_positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
 
         # Every projection out of x as one [B*T, D] matmul.
@@ -192,10 +192,8 @@ class MultiHeadLatentAttention(nnx.Module):
         k_rope = self._rope(k_rope.reshape(b, t, 1, r), q_positions)[:, :, 0]  # [B, T, R]
 
         if cache is not None:
-            latent = jax.lax.dynamic_update_slice(
-                cache["latent"], c_kv.astype(cache["latent"].dtype), (0, cache_index, 0))
-            rope_keys = jax.lax.dynamic_update_slice(
-                cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), (0, cache_index, 0))
+            latent = write_cache(cache["latent"], c_kv, cache_index)
+            rope_keys = write_cache(cache["k_rope"], k_rope, cache_index)
             cache = MLACache(latent=latent, k_rope=rope_keys)
             c_kv, k_rope = latent.astype(dt), rope_keys.astype(dt)
         s = c_kv.shape[1]
