@@ -24,11 +24,14 @@ from jaxformer.data.packing import (
     split_documents,
 )
 from jaxformer.data.sources import load_documents
+from jaxformer.data.special_tokens import (
+    SpecialTokens,
+    load_with_specials,
+    of_jaxformer_tokenizer,
+)
 from jaxformer.data.tokenizer import (
     MIN_VOCAB_SIZE,
-    PAD,
     encode_documents,
-    eos_id,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -55,9 +58,12 @@ class DataPipeline:
         val_doc_ids: np.ndarray,
         n_skipped: int,
         data_manifest: dict[str, Any] | None = None,
+        specials: SpecialTokens | None = None,
     ) -> None:
         self._tokenizer = tokenizer
-        self._eos_id = eos_id(tokenizer)
+        # None: a tokenizer jaxformer trained, whose special tokens are found by name.
+        self._specials = specials or of_jaxformer_tokenizer(tokenizer)
+        self._eos_id = _document_end(self._specials)
         self._train = train
         self._val = val
         self._train_doc_ids = train_doc_ids
@@ -88,6 +94,11 @@ class DataPipeline:
         there once it commits to the run. Trained tokenizers and tokenized documents are
         cached under `cache_dir` (default $JAXFORMER_CACHE or ~/.cache/jaxformer).
         `extra_special_tokens` are added to a newly trained tokenizer after EOS and PAD.
+
+        A loaded tokenizer that came with a Hugging Face model has its special tokens named in
+        the `special_tokens.json` beside it (`jaxformer.data.special_tokens`): documents end
+        with its (first) end token rather than EOS, and start with its begin token when its
+        tokenizer puts one before text (`add_bos`: Llama, Mistral), as the model saw them.
         """
         if seq_len < 1:
             raise DataError(f"sequence length must be at least 1, got {seq_len}")
@@ -113,20 +124,26 @@ class DataPipeline:
 
         start = time.perf_counter()
         if has_tokenizer:
-            tok = load_tokenizer(tokenizer_path)
+            tok, specials = load_with_specials(tokenizer_path)
             how = f"loaded from {tokenizer_path}"
             if tok.get_vocab_size() != vocab_size:
                 how += f"; it overrides the requested vocab size {vocab_size}"
+            if specials != of_jaxformer_tokenizer(tok):  # a converted model's own tokens
+                how += (f"; documents end with token {specials.eos_id}"
+                        + (f", begin with token {specials.bos_id}" if specials.add_bos else ""))
         else:
             train_texts = [docs.texts[i] for i in train_ids]
             tok, how = _cached_tokenizer(root, docs.fingerprint, vocab_size, train_ids, train_texts,
                                          tuple(extra_special_tokens))
+            specials = of_jaxformer_tokenizer(tok)
+        eos = _document_end(specials, tokenizer_path)
         elapsed = time.perf_counter() - start
         log(f"tokenizer: {how} (vocab {tok.get_vocab_size()}) in {elapsed:.1f}s")
 
         start = time.perf_counter()
         tokens, how = _cached_tokens(root, docs.fingerprint, tok, docs.texts)
-        eos = eos_id(tok)
+        if specials.add_bos:
+            tokens = [np.concatenate([[specials.bos_id], t]).astype(t.dtype) for t in tokens]
         # Distinct seeds for the split and each stream's document order.
         train = PackedRows(
             make_stream([tokens[i] for i in train_ids], eos, seed + 1), seq_len, "training"
@@ -136,7 +153,8 @@ class DataPipeline:
             val = PackedRows(
                 make_stream([tokens[i] for i in val_ids], eos, seed + 2), seq_len, "validation"
             )
-        pipeline = cls(tok, train, val, train_ids, val_ids, docs.n_skipped, docs.manifest)
+        pipeline = cls(tok, train, val, train_ids, val_ids, docs.n_skipped, docs.manifest,
+                       specials)
         log(
             f"tokens: {_count(pipeline.n_train_tokens)} train ({pipeline.n_train_rows} rows), "
             f"{_count(pipeline.n_val_tokens)} val ({pipeline.n_val_rows} rows) of {seq_len}; "
@@ -156,12 +174,18 @@ class DataPipeline:
         return self._tokenizer.get_vocab_size()
 
     @property
+    def specials(self) -> SpecialTokens:
+        """The tokenizer's special tokens (begin, end, padding) as this pipeline uses them."""
+        return self._specials
+
+    @property
     def eos_id(self) -> int:
+        """The token that ends each document (EOS, or a converted tokenizer's end token)."""
         return self._eos_id
 
     @property
-    def pad_id(self) -> int:
-        return self._tokenizer.token_to_id(PAD)
+    def pad_id(self) -> int | None:
+        return self._specials.pad_id
 
     @property
     def seq_len(self) -> int:
@@ -304,9 +328,19 @@ class DataPipeline:
         return encode_documents(self._tokenizer, [text])[0]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
-        """Text of token ids; EOS shows as "<|endoftext|>" unless skip_special_tokens."""
+        """Text of token ids; EOS shows as its text ("<|endoftext|>") unless
+        skip_special_tokens."""
         ids = np.asarray(ids).reshape(-1).tolist()
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _document_end(specials: SpecialTokens, tokenizer_path: pathlib.Path | None = None) -> int:
+    """The id documents end with; a DataError for a tokenizer without an end token."""
+    if specials.eos_id is None:
+        where = f" ({tokenizer_path})" if tokenizer_path is not None else ""
+        raise DataError(f"the tokenizer{where} has no end-of-sequence token (eos_ids is empty "
+                        "in its special_tokens.json), which training puts after each document")
+    return specials.eos_id
 
 
 def _cached_tokenizer(

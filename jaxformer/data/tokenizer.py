@@ -70,15 +70,23 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
         raise
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Read a tokenizer.json file written by `save_tokenizer`; DataError if missing or invalid."""
+def load_tokenizer(path: str | os.PathLike, require_eos: bool = True) -> Tokenizer:
+    """Read a tokenizer.json file; DataError if missing or invalid.
+
+    With `require_eos` (a tokenizer `save_tokenizer` wrote) it must have EOS; a converted
+    Hugging Face tokenizer, whose special tokens are named in the `special_tokens.json` beside
+    it (`jaxformer.data.special_tokens`), is loaded with `require_eos=False`.
+    """
     path = pathlib.Path(path)
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception for unreadable/invalid files
         raise DataError(f"cannot load tokenizer {path}: {str(e).strip()[:200]}") from e
-    if tok.token_to_id(EOS) is None:
-        raise DataError(f"tokenizer {path} has no {EOS} token; it was not made by jaxformer")
+    if require_eos and tok.token_to_id(EOS) is None:
+        raise DataError(f"tokenizer {path} has no {EOS} token and no special_tokens.json "
+                        "beside it naming its special tokens; it was not made by jaxformer (a "
+                        "Hugging Face model's directory: convert it with `jaxformer convert "
+                        "--from-hf` and use the run dir)")
     return tok
 
 

@@ -177,13 +177,16 @@ def params_from_tensors(family: types.ModuleType, cfg: ModelConfig,
 
 def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
                     directory: Path | str, model_type: str | None = None,
-                    tokenizer: Tokenizer | None = None) -> None:
+                    tokenizer: Tokenizer | None = None,
+                    special_ids: dict[str, Any] | None = None) -> None:
     """Writes a directory that transformers' Auto* classes load with the same logits.
 
     ``model`` is a ``PretrainedModel`` or a (model config, pure parameter dict) pair, e.g.
     from a training run. With the run's ``tokenizer``, config.json (and generation_config.json
     of a generating family) carries its end-of-text and padding ids in the family's names, and
     the directory gets the tokenizer for ``AutoTokenizer`` (``jaxformer.hf.tokens``).
+    ``special_ids`` (``*_token_id`` entries: a converted model's own, ``tokens.exported_ids``)
+    are written instead of those found in ``tokenizer`` by jaxformer's names.
     """
     if isinstance(model, PretrainedModel):
         cfg, params, model_type = model.config, model.params, model.model_type
@@ -194,7 +197,10 @@ def save_pretrained(model: PretrainedModel | tuple[ModelConfig, dict[str, Any]],
     family.check_exportable(cfg)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}
     hf_config = family.hf_config(cfg)
-    ids = tokens.special_ids(family, tokenizer) if tokenizer is not None else {}
+    if special_ids is not None:
+        ids = dict(special_ids)
+    else:
+        ids = tokens.special_ids(family, tokenizer) if tokenizer is not None else {}
     hf_config.update(ids)
     directory = Path(directory)
     write_hf_dir(directory, hf_config, export_tensors(family.rules(cfg), flat))

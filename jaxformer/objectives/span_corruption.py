@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxformer.config import Config
-from jaxformer.data.tokenizer import PAD, eos_id
+from jaxformer.data.tokenizer import PAD
 from jaxformer.objectives.base import Batch, Log, Objective, Task, encoder_decoder_logits
 from jaxformer.objectives.registry import register
 from jaxformer.objectives.specials import N_SENTINELS, sentinel
@@ -277,13 +277,18 @@ class SpanCorruption(Objective):
         pipeline = text_pipeline(cfg, tokenizer_path, log, seq_len=raw_len)
         tok, o = pipeline.tokenizer, cfg.objective
         sentinels = [token_id(tok, t, self.name) for t in self.special_tokens]
-        eos, pad = eos_id(tok), token_id(tok, PAD, self.name)
+        # The tokenizer's own end and padding tokens (a converted T5's </s> and <pad>); the
+        # decoder starts from padding unless the model names its own start token.
+        special = pipeline.specials
+        eos = pipeline.eos_id
+        pad = special.pad_id if special.pad_id is not None else token_id(tok, PAD, self.name)
+        start = special.decoder_start_id if special.decoder_start_id is not None else pad
 
         def corrupt(row: Batch, rng: np.random.Generator) -> Batch:
             return span_corruption_example(
                 row["inputs"], rng, noise_density=o.noise_density,
                 mean_noise_span_length=o.mean_span_length, sentinel_ids=sentinels,
-                eos_id=eos, pad_id=pad, decoder_start_id=pad, inputs_length=cfg.data.seq_len,
+                eos_id=eos, pad_id=pad, decoder_start_id=start, inputs_length=cfg.data.seq_len,
                 targets_length=targets_len)
 
         return text_task(cfg, pipeline, corrupt)

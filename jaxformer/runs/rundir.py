@@ -2,7 +2,10 @@
 
 Layout of ``runs/<name>/``: ``config.json`` (resolved config), ``tokenizer.json``,
 ``data.json`` (what the data source held: files, sizes, content hashes), ``checkpoints/<step>/``
-(orbax), TensorBoard event files, ``samples.txt``, ``.lock`` (who trains in it now).
+(orbax), TensorBoard event files, ``samples.txt``, ``.lock`` (who trains in it now). A run
+converted from a Hugging Face model, or fine-tuned from one, also has ``special_tokens.json``
+(its special-token ids, ``jaxformer.runs.specials``) and the tokenizer's own files
+(``tokenizer_config.json``, ``special_tokens_map.json``, ``chat_template.jinja``).
 """
 
 from __future__ import annotations

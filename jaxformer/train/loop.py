@@ -29,6 +29,7 @@ from jaxformer.objectives.tasks import build_task
 from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.runs.lock import RunLock
+from jaxformer.runs.specials import copy_tokenizer_files
 from jaxformer.train.flops import PeakFlops, count_params, flops_per_token, peak_flops
 from jaxformer.train.hooks import CheckpointSaver, Evaluator, Hook, MetricsLogger, host_params
 from jaxformer.train.init_from import load_params, state_from_params
@@ -192,6 +193,9 @@ def _setup_locked(cfg: Config, run_dir: Path, rt: Runtime, peak: PeakFlops, lead
         if task.data_manifest is not None:
             rundir.write_data_manifest(run_dir, task.data_manifest)
         if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
+            source = _init_tokenizer(cfg, run_dir)
+            if source is not None:  # its special tokens (a converted model's) come with it
+                copy_tokenizer_files(source.parent, run_dir)
             save_tokenizer(task.tokenizer, run_dir / rundir.TOKENIZER_FILE)
 
     baseline_note = _describe_model(cfg, rt, task, state, peak, echo)
@@ -259,11 +263,19 @@ def finish(run: Run) -> TrainResult:
                        eval_metrics=run.evals)
 
 
-def _build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Task:
-    tokenizer_path = Path(run_dir) / rundir.TOKENIZER_FILE
+def _init_tokenizer(cfg: Config, run_dir: Path) -> Path | None:
+    """The tokenizer of ``train.init_from`` when the run has none yet: fine-tuning keeps the
+    tokenizer the weights know (the embedding rows belong to its ids), with the
+    ``special_tokens.json`` beside it when it came with a Hugging Face model."""
     init_tokenizer = Path(cfg.train.init_from) / rundir.TOKENIZER_FILE
-    if not tokenizer_path.exists() and cfg.train.init_from and init_tokenizer.is_file():
-        tokenizer_path = init_tokenizer  # fine-tuning keeps the tokenizer the weights know
+    if (not (Path(run_dir) / rundir.TOKENIZER_FILE).exists() and cfg.train.init_from
+            and init_tokenizer.is_file()):
+        return init_tokenizer
+    return None
+
+
+def _build_data(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Task:
+    tokenizer_path = _init_tokenizer(cfg, run_dir) or Path(run_dir) / rundir.TOKENIZER_FILE
     return build_task(cfg, tokenizer_path, log)
 
 
