@@ -1,4 +1,5 @@
-"""The ``jaxformer`` command: train | sample | bench | convert | plot | attention | sweep | runs.
+"""The ``jaxformer`` command: train | sample | serve | quantize | bench | convert | plot |
+attention | sweep | runs.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2; a run
 stopped by SIGTERM/SIGINT after saving exits 75, one that diverged 3 (docs/usage.md).
@@ -7,8 +8,8 @@ stopped by SIGTERM/SIGINT after saving exits 75, one that diverged 3 (docs/usage
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -49,16 +50,72 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int, metavar="N")
     multi.add_argument("--process-id", type=int, metavar="I")
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="generate text from a run (any family that generates)",
+                       description="Continue prompts with a decoder or prefix-LM, or translate "
+                       "sources with an encoder-decoder: sampling, greedy (--temperature 0), "
+                       "beam search or speculative decoding. See docs/inference.md.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", default="",
-                   help="text to continue (default: none, a new document)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   help="text to continue, or an encoder-decoder's source (repeatable: one "
+                   "batch; default: none, a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 disables")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a row at this text (repeatable; not printed)")
+    p.add_argument("--stop-token", dest="stop_tokens", action="append", default=[],
+                   metavar="TOKEN", help="stop a row at this token of the tokenizer, or id "
+                   "(repeatable; the run's end tokens always stop)")
+    s = p.add_argument_group("sampling", "transformers' logits processors, in its order")
+    s.add_argument("--temperature", type=float, help="0 means greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, help="0 disables (default 40)")
+    s.add_argument("--top-p", type=float, help="1 disables (default 0.95)")
+    s.add_argument("--min-p", type=float, help="0 disables (default 0)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables")
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 disables")
+    b = p.add_argument_group("beam search")
+    b.add_argument("--num-beams", type=int, default=1, help="1: no beam search")
+    b.add_argument("--length-penalty", type=float, default=1.0,
+                   help="score = log-probability / length ** this")
+    b.add_argument("--early-stopping", choices=("true", "false", "never"), default="false")
+    b.add_argument("--num-return-sequences", type=int, default=1)
+    d = p.add_argument_group("speculative decoding")
+    d.add_argument("--draft", type=Path, metavar="RUN_DIR",
+                   help="a smaller run with the same vocabulary proposes tokens")
+    d.add_argument("--draft-k", type=int, default=4, help="tokens proposed per round")
+    c = p.add_argument_group("prompt cache", "the keys and values of a shared prompt prefix, "
+                             "computed once")
+    c.add_argument("--save-prompt-cache", type=Path, metavar="FILE",
+                   help="compute the --prompt's cache, write it to FILE and stop")
+    c.add_argument("--prompt-cache", type=Path, metavar="FILE",
+                   help="continue the cached prefix in FILE with --prompt")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a decoder-only run",
+                       description="Serve /v1/completions, /v1/chat/completions (when the "
+                       "run's tokenizer has a chat template) and /v1/models as OpenAI's API "
+                       "does, streaming included, with continuous batching over a paged KV "
+                       "cache. Ctrl-C stops it. See docs/inference.md.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together; more wait for a free row (default 8)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="KV-cache slots per block of the paged cache (default 16)")
+
+    p = sub.add_parser("quantize", help="a weight-only INT8/INT4 copy of a run (sample and "
+                                        "serve read it)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--bits", type=int, required=True, help="8 (per output channel) or 4 "
+                                                           "(group-wise)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="--bits 4: contraction values per scale (default 128)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the new run dir (must not exist, or be empty)")
 
     p = sub.add_parser("convert", help="Hugging Face directory <-> jaxformer run dir")
     direction = p.add_mutually_exclusive_group(required=True)
@@ -137,17 +194,6 @@ def check_run_dir_target(run_dir: Path) -> None:
             break
 
 
-def _check_sampling_flags(args: argparse.Namespace) -> None:
-    """The sample command's numbers (argparse checks only that they parse)."""
-    if not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 \
-            or not 0 < args.top_p <= 1:
-        raise UserError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 <= args.seed < 2**31:
-        raise UserError(f"--seed must be in [0, 2**31), got {args.seed}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from jaxformer.runs import rundir
     from jaxformer.train.init_from import explicit_keys, model_from_source
@@ -181,19 +227,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from jaxformer.inference.restore import load_generator
-    from jaxformer.inference.sampling import SamplingParams
+    from jaxformer.inference.sample_command import SampleOptions, sample
 
-    _check_sampling_flags(args)
-    generator, tokenizer, eos = load_generator(args.run_dir, args.step)
-    # No prompt: start a new document (after the end-of-text token), whatever the corpus.
-    # Trailing spaces go: byte-level BPE keeps a word's space in the word's token.
-    prompt = args.prompt.rstrip(" ") or args.prompt
-    ids = tokenizer.encode(prompt).ids if prompt else [eos]
-    new = generator.generate(ids, args.max_new_tokens,
-                             SamplingParams(args.temperature, args.top_k, args.top_p),
-                             seed=args.seed, stop_token=eos)
-    print(prompt + tokenizer.decode([t for t in new if t != eos]))
+    fields = {f.name for f in dataclasses.fields(SampleOptions)}
+    opts = SampleOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    for text in sample(opts, note=lambda line: print(line, file=sys.stderr)):
+        print(text, end="", flush=True)
     return 0
 
 
@@ -276,6 +315,27 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 COMMANDS["attention"] = cmd_attention
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from jaxformer.inference.quantize import quantize_command
+
+    print(quantize_command(args.run_dir, args.out, args.bits, args.group_size))
+    return 0
+
+
+COMMANDS["quantize"] = cmd_quantize
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jaxformer.inference.server import serve
+
+    serve(args.run_dir, args.host, args.port, step=args.step, max_batch=args.max_batch,
+          block_size=args.block_size)
+    return 0
+
+
+COMMANDS["serve"] = cmd_serve
 
 COMMANDS.update(SWEEP_COMMANDS)
 

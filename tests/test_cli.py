@@ -111,3 +111,49 @@ def test_bench_prints_json_last_line():
     # 1 layer, d 32, vocab 300, T 32: 6 * (4*32^2 + 2*32*128 + 300*32) + 6*1*32*32
     assert result["flops_per_token"] == 6 * (4 * 32**2 + 2 * 32 * 128 + 300 * 32) + 6 * 32 * 32
     assert result["tokens_per_sec"] > 0 and 0 < result["mfu_percent"] < 100
+
+
+def test_sample_prompt_cache_and_flag_errors(trained_run, tmp_path, capsys):
+    """--save-prompt-cache then --prompt-cache prints what the whole prompt's ids give; flags
+    that conflict or are out of range are one error line, exit 2, the run dir unchanged."""
+    from jaxformer.cli import main
+    from jaxformer.inference.restore import load_for_generation
+
+    _, run, _ = trained_run
+    before = snapshot(run)
+    cache = tmp_path / "system.npz"
+    assert main(["sample", str(run), "--prompt", "import os\n", "--save-prompt-cache",
+                 str(cache)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt-cache", str(cache), "--prompt", "def ",
+                 "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    loaded = load_for_generation(run)
+    # (The trailing space of a prompt is dropped, as without a cache.)
+    ids = loaded.encode("import os\n") + list(loaded.tokenizer.encode(
+        "def", add_special_tokens=False).ids)
+    gen = loaded.generator().generate([ids], 6, stop_tokens=loaded.specials.eos_ids)[0]
+    assert printed == "import os\ndef" + gen.text + "\n"
+    # Speculative decoding with the run as its own draft: the greedy text, all accepted.
+    greedy = ["sample", str(run), "--prompt", "def ", "--temperature", "0",
+              "--max-new-tokens", "6"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--draft", str(run), "--draft-k", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "(100%)" in out.err
+    assert main(["sample", str(run), "--prompt", "def ", "--num-beams", "2",
+                 "--num-return-sequences", "2", "--max-new-tokens", "4"]) == 0
+    beams = capsys.readouterr().out.strip().split("\n\n")
+    assert len(beams) == 2 and all(b.startswith("[score -") for b in beams)
+    for flags, message in [
+            (["--num-beams", "2", "--temperature", "0.5"], "drop --temperature"),
+            (["--top-p", "1.5"], "--top-p"),
+            (["--stop-token", "no-such-token"], "not a token"),
+            (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences"),
+            (["--prompt-cache", str(tmp_path / "missing.npz")], "cannot read the prompt cache"),
+            (["--prompt", "a", "--prompt", "b", "--draft", str(run)], "one prompt")]:
+        assert main(["sample", str(run), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert snapshot(run) == before

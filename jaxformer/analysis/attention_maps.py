@@ -35,13 +35,16 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.analysis.plots import _pyplot
+from jaxformer.config import ModelConfig
 from jaxformer.data.synthetic import SymbolTokenizer, is_synthetic
-from jaxformer.data.tokenizer import EOS, PAD, load_tokenizer
+from jaxformer.data.tokenizer import EOS, PAD
 from jaxformer.errors import UserError
-from jaxformer.inference.seq2seq import GreedyDecoder
+from jaxformer.inference.families import Seq2SeqFamily
+from jaxformer.inference.generate import Generator
 from jaxformer.models.build import abstract_model
 from jaxformer.runs import rundir
 from jaxformer.runs.restore import load_run
+from jaxformer.runs.specials import load_run_tokenizer, read_special_tokens
 
 DPI = 100
 MAX_COLUMNS = 4  # head panels per row
@@ -207,13 +210,12 @@ def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
 
 
-def _greedy_target(graphdef: nnx.GraphDef, params: Any, enc: np.ndarray, max_new: int,
-                   start_id: int, eos_id: int) -> list[int]:
+def _greedy_target(model_cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any,
+                   enc: np.ndarray, max_new: int, start_id: int, eos_id: int) -> list[int]:
     """The model's greedy output for source ``enc`` [S], up to (not including) EOS."""
-    ids = GreedyDecoder(graphdef)(params, enc[None], np.ones((1, len(enc)), np.int32),
-                                  np.arange(len(enc), dtype=np.int32)[None], max_new, start_id,
-                                  eos_id)[0].tolist()
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+    family = Seq2SeqFamily(model_cfg, graphdef, decoder_start_id=start_id)
+    return Generator(family, params).generate([enc.tolist()], max_new,
+                                              stop_tokens=[eos_id])[0].tokens
 
 
 def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | None = None,
@@ -248,27 +250,38 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
         raise UserError(f"--out {out} is a file; give a directory")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    tokenizer = SymbolTokenizer(EOS, PAD) if synthetic else load_tokenizer(tok_path)
+    # The run's special tokens: a converted model's own (its tokenizer's post-processor adds
+    # them around the text as transformers does: Llama's <s>, BERT's [CLS] and [SEP], T5's
+    # </s>), or jaxformer's EOS and PAD.
+    if synthetic:
+        tokenizer, specials = SymbolTokenizer(EOS, PAD), read_special_tokens(run_dir)
+    else:
+        tokenizer, specials = load_run_tokenizer(run_dir)
     cfg, params = load_run(run_dir, step)
     model_cfg = dataclasses.replace(cfg.model, attention="reference", attention_dropout=0.0,
                                     dropout=0.0)
     graphdef, _ = abstract_model(model_cfg)
     arch = model_cfg.arch
-    eos = tokenizer.token_to_id(EOS)
+    eos = specials.eos_id
     ids = tokenizer.encode(text).ids
-    enc = np.asarray(ids + [eos] if arch == "encoder_decoder" else ids, np.int32)
+    if arch == "encoder_decoder" and eos is not None and ids[-1:] != [eos]:
+        ids = ids + [eos]  # the source ends with the end token, as in training
+    enc = np.asarray(ids, np.int32)
     if len(enc) > model_cfg.max_len:
         raise UserError(f"--text is {len(enc)} tokens; the model takes at most "
                         f"{model_cfg.max_len} (model.max_len)")
     dec = None
     if arch == "encoder_decoder":
-        pad = tokenizer.token_to_id(PAD)
-        start = pad if pad is not None else eos
+        start = specials.decoder_start_id
+        if start is None:
+            start = specials.pad_id if specials.pad_id is not None else eos
         if target is None:
-            new = _greedy_target(graphdef, params, enc,
+            new = _greedy_target(model_cfg, graphdef, params, enc,
                                  min(max_new_tokens, model_cfg.max_len - 1), start, eos)
         else:
+            # Without an end token a post-processor appends (T5's), like the greedy output.
             new = tokenizer.encode(target).ids
+            new = new[:-1] if new[-1:] == [eos] else new
         dec = np.asarray([start] + new, np.int32)
         if len(dec) > model_cfg.max_len:
             raise UserError(f"--target is {len(new)} tokens; the decoder takes at most "

@@ -1,4 +1,6 @@
-"""Decoding: KV-cache sampling, greedy encoder-decoder decoding, loading a run to decode.
+"""Inference: generation for every family (``generate``, ``families``), logits processors,
+beam search, speculative decoding, the paged KV cache with continuous batching (``engine``),
+prompt caches, quantized weights, the OpenAI-compatible server; docs/inference.md.
 
 Objectives name the strategies they are decoded with (``Objective.sampling``,
 ``Objective.decode_metrics``); these tables map the names to the functions, each

@@ -229,13 +229,14 @@ def test_tiny_mla_decoder_trains():
 
 
 def test_mla_greedy_generation_follows_full_forward():
-    from jaxformer.inference.sampling import Generator, SamplingParams
+    from jaxformer.inference.families import DecoderFamily
+    from jaxformer.inference.generate import Generator
 
     model = DecoderLM(mla_config(init_std=0.3), rngs=nnx.Rngs(2))
     graphdef, params = nnx.split(model)
     prompt = [3, 14, 15, 9]
-    new = Generator(graphdef, nnx.to_pure_dict(params), max_len=32).generate(
-        prompt, 8, SamplingParams(temperature=0.0))
+    new = Generator(DecoderFamily(model.cfg, graphdef), nnx.to_pure_dict(params)).generate(
+        [prompt], 8)[0].tokens
     seq = jnp.asarray([prompt + new])
     logits = nnx.jit(lambda m, x, pos: m(x, pos))(model, seq, jnp.arange(seq.shape[1])[None])
     assert new == np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1)).tolist()
