@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--draft", type=Path, metavar="RUN_DIR",
                    help="a smaller run with the same vocabulary proposes tokens")
     d.add_argument("--draft-k", type=int, default=4, help="tokens proposed per round")
+    d.add_argument("--mtp", action="store_true", help="greedy, the run's own multi-token "
+                   "prediction modules proposing tokens (model.mtp_heads > 0; no draft)")
     c = p.add_argument_group("prompt cache", "the keys and values of a shared prompt prefix, "
                              "computed once")
     c.add_argument("--save-prompt-cache", type=Path, metavar="FILE",

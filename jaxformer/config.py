@@ -91,6 +91,10 @@ class ModelConfig:
     moe_group_size: int = 256  # tokens per routing group (capacity is per group)
     router_aux_loss: float = 0.01  # load-balancing loss coefficient (Switch: 0.01)
     router_z_loss: float = 0.001  # router z-loss coefficient (ST-MoE: 0.001)
+    # Multi-token prediction (DeepSeek-V3's sequential MTP modules): n > 0 adds n modules,
+    # depth k predicting the token k + 1 places ahead (trained with objective.mtp_weight; used
+    # by jaxformer.inference.mtp_speculative). Decoder-only, causal objective.
+    mtp_heads: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -190,6 +194,8 @@ class ObjectiveConfig:
     targets_len: int = 0  # span_corruption decoder length; 0: as T5's random_spans_helper
     label_smoothing: float = 0.0
     z_loss: float = 0.0  # PaLM's auxiliary z_loss * log(Z)^2 per target token
+    # causal with model.mtp_heads > 0: loss + mtp_weight * mean over depths of the MTP losses
+    mtp_weight: float = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +512,10 @@ def validate(cfg: Config) -> Config:
     if m.n_experts and m.scan_layers and m.moe_every != 1:
         raise ConfigError("model.scan_layers=true repeats one block: it needs every block alike "
                           f"(model.moe_every=1), got model.moe_every={m.moe_every}")
+    if m.mtp_heads > 0 and (m.arch != "decoder" or cfg.objective.kind != "causal"):
+        raise ConfigError(f"model.mtp_heads={m.mtp_heads} (multi-token prediction) needs "
+                          f"model.arch='decoder' and objective.kind='causal' (got {m.arch!r} "
+                          f"and {cfg.objective.kind!r}); set model.mtp_heads=0")
     validate_mesh(cfg.mesh)
     validate_loss_options(cfg)
     if cfg.data.seq_len > m.max_len:
@@ -582,6 +592,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.router_aux_loss": (0, None, True, False),
     "model.router_z_loss": (0, None, True, False),
     "model.experts_top_k": (1, None, True, False),
+    "model.mtp_heads": (0, None, True, False),
+    "objective.mtp_weight": (0, None, True, False),
     "objective.targets_len": (0, None, True, False),
 }
 

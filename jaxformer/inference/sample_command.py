@@ -15,6 +15,7 @@ from pathlib import Path
 from jaxformer.errors import UserError
 from jaxformer.inference import prompt_cache
 from jaxformer.inference.beam_search import beam_search
+from jaxformer.inference.mtp_speculative import mtp_generate
 from jaxformer.inference.processors import SamplingParams
 from jaxformer.inference.restore import LoadedRun, load_for_generation
 from jaxformer.inference.speculative import speculative_generate
@@ -47,6 +48,7 @@ class SampleOptions:
     num_return_sequences: int = 1
     draft: Path | None = None
     draft_k: int = 4
+    mtp: bool = False
     save_prompt_cache: Path | None = None
     prompt_cache: Path | None = None
     seed: int = 0
@@ -98,6 +100,13 @@ class SampleOptions:
                                 "--stop-token)")
         if self.draft is not None and len(self.prompts) > 1:
             raise UserError("--draft decodes one prompt at a time: give one --prompt")
+        if self.mtp:
+            if self.num_beams > 1 or self.draft is not None or len(self.prompts) > 1:
+                raise UserError("--mtp decodes one prompt greedily: no --num-beams, --draft or "
+                                "second --prompt")
+            if self.temperature not in (None, 0.0) or self.stop or any(
+                    getattr(self, k) is not None for k in ("top_k", "top_p", "min_p")):
+                raise UserError("--mtp decodes greedily: drop the sampling flags and --stop")
         cache_flag = "--save-prompt-cache" if self.save_prompt_cache else "--prompt-cache"
         if self.save_prompt_cache or self.prompt_cache:
             if self.save_prompt_cache and self.prompt_cache:
@@ -142,6 +151,15 @@ def sample(opts: SampleOptions, note: Callable[[str], None] = print) -> Iterator
         return
     if opts.draft is not None:
         yield from _speculative(run, opts, prompts[0], ids[0], stops, show_prompt, note)
+        return
+    if opts.mtp:
+        if run.family.kind != "decoder":
+            raise UserError("--mtp needs a decoder-only run trained with model.mtp_heads > 0")
+        tokens, stats = mtp_generate(run.family, run.params, ids[0],
+                                     max_new_tokens=opts.max_new_tokens, stop_tokens=stops)
+        yield (prompts[0] if show_prompt else "") + run.decode(tokens) + "\n"
+        note(f"self-speculative decoding: {stats.accepted}/{stats.proposed} MTP proposals "
+             f"accepted, {stats.tokens_per_target_call:.2f} tokens per model call")
         return
     if opts.save_prompt_cache is not None:
         cache = prompt_cache.compute(run.family, run.params, ids[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 @jax.custom_vjp
@@ -100,3 +101,49 @@ def cross_entropy_sums(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.n
         "weight_sum": jnp.sum(weights),
         "correct_sum": jnp.sum(correct * weights),
     }
+
+
+def shift_left(x: jnp.ndarray, k: int) -> jnp.ndarray:
+    """[B, T] -> [B, T] with column i holding x[:, i + k] (0 past the end)."""
+    return jnp.pad(x[:, k:], ((0, 0), (0, min(k, x.shape[1]))))
+
+
+def mtp_loss_sums(mtp_logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
+                  segment_ids: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """The multi-token-prediction losses of a causal batch (DeepSeek-V3's MTP; the plain nll,
+    without label smoothing or z-loss).
+
+    mtp_logits: [n, B, T, V] (``DecoderLM(..., return_mtp=True)``): depth k at position i
+    predicts ``targets[:, i + k]``; targets, weights, segment_ids: [B, T] of the batch. That
+    target counts with ``weights[:, i + k]``, and not at all past the row's end or in another
+    document than position i (``segment_ids`` differ) -> float32 scalars
+    ``mtp_loss_{k}_sum`` (depth k's weighted nll sum, k = 1 .. n) and ``mtp_loss_sum`` (their
+    mean over the depths). Like every loss sum they are divided by the batch's main target
+    count (``cross_entropy_sums``' weight_sum) at the end, as DeepSeek-V3 divides by T, so
+    micro-batches add exactly; depth k has k fewer targets per document, so its loss reads a
+    little below a per-target mean.
+    """
+    weights = weights.astype(jnp.float32)
+    out = {}
+    for k in range(1, mtp_logits.shape[0] + 1):
+        same_doc = shift_left(segment_ids, k) == segment_ids
+        w_k = shift_left(weights, k) * same_doc  # 0 past the end: shift_left pads with 0
+        log_z, target_logit, _ = log_z_and_target_logit(mtp_logits[k - 1].astype(jnp.float32),
+                                                        shift_left(targets, k))
+        out[f"mtp_loss_{k}_sum"] = jnp.sum((log_z - target_logit) * w_k)
+    out["mtp_loss_sum"] = sum(out.values()) / mtp_logits.shape[0]
+    return out
+
+
+MTP_SUMS = "mtp_sums"  # the nnx.Intermediate name the causal objective records them under
+
+
+def collect_mtp_sums(intermediates: object) -> dict[str, jnp.ndarray]:
+    """The ``mtp_loss_sums`` a forward pass recorded (``nnx.capture`` intermediates, an
+    ``nnx.State`` or a pure dict) -> that dict; {} when the model has no MTP modules."""
+    tree = (nnx.to_pure_dict(intermediates) if isinstance(intermediates, nnx.State)
+            else intermediates)
+    found = tree.get(MTP_SUMS) if isinstance(tree, dict) else None
+    if not found:
+        return {}
+    return dict(found[0] if isinstance(found, tuple | list) else found)

@@ -16,6 +16,9 @@ FLOPs per trained token (PaLM appendix B convention, causal attention halved):
 * Mixture of experts: an MoE block's MLP term counts the weights a token passes through,
   (top_k + shared experts) · 2·D·F_expert (3· gated) plus the D·E router, not all E experts.
   The dispatch/combine einsums of the capacity path are overhead, not model FLOPs.
+* Multi-token prediction (``mtp_heads`` = n): each depth adds its 2·D·D input projection, one
+  block of the last layer's kind and the V·D un-embedding to ``N_matmul``, and one layer's
+  attention term (L counts n more layers), since training runs every depth on every token.
 
 MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used (``mfu`` returns the
 fraction; logs and ``jaxformer bench`` print it as a percentage). The peak (``peak_flops``) is
@@ -78,12 +81,16 @@ def matmul_params(cfg: ModelConfig) -> int:
         expert = per_ff * d * (cfg.moe_d_ff or f)
         active = (cfg.experts_top_k + cfg.n_shared_experts) * expert + d * cfg.n_experts
         total += n_moe * (active - mlp)
+    if cfg.mtp_heads:
+        last_moe = cfg.n_experts and cfg.n_layers % cfg.moe_every == 0  # is_moe_layer(L - 1)
+        block = attn + (active if last_moe else mlp)
+        total += cfg.mtp_heads * (2 * d * d + block + cfg.vocab_size * d)
     return total
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token; see the module docstring for the formula."""
-    attention = 6.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size
+    attention = 6.0 * (cfg.n_layers + cfg.mtp_heads) * seq_len * cfg.n_heads * cfg.head_size
     return 6.0 * matmul_params(cfg) + attention
 
 

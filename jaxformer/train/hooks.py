@@ -110,6 +110,8 @@ class MetricsLogger:
         o, model = run.cfg.objective, run.cfg.model
         if o.label_smoothing or o.z_loss:
             values.update(nll=mean("nll"), z_loss=mean("z_loss"))
+        if model.mtp_heads:  # loss = nll + mtp_weight * mtp_loss (mean of mtp_loss_1 .. n)
+            values.update(nll=mean("nll"), **{k: mean(k) for k in m if k.startswith("mtp_loss")})
         if model.n_experts:
             load = np.mean([f[1]["moe_expert_load"] for f in fetched], axis=0)
             values.update(moe_balance_loss=mean("moe_load_balance_loss"),

@@ -135,7 +135,8 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
         graphdef, tx, schedule, cfg.train.grad_accum, shardings, b_sharding, rep,
         forward=forward, dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
         label_smoothing=cfg.objective.label_smoothing, z_loss=cfg.objective.z_loss,
-        mesh=mesh, rules=rules, moe=moe_coefficients(cfg))
+        mesh=mesh, rules=rules, moe=moe_coefficients(cfg),
+        mtp_weight=cfg.objective.mtp_weight)
     eval_step = make_eval_step(graphdef, shardings.params, b_sharding, rep, forward=forward,
                                mesh=mesh, rules=rules)
     return Runtime(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxformer.nn.moe_stats import collect_moe_stats
-from jaxformer.objectives.loss import cross_entropy_sums
+from jaxformer.objectives.loss import collect_mtp_sums, cross_entropy_sums
 from jaxformer.parallel.sharding import Rules, activation_sharding
 from jaxformer.train.state import TrainState
 
@@ -29,14 +29,16 @@ LogitsFn = Callable[[Any, Batch, jax.Array | None], jax.Array]
 
 
 def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0, moe: tuple[float, float] | None = None
-                   ) -> Callable[..., Metrics]:
+                   z_loss: float = 0.0, moe: tuple[float, float] | None = None,
+                   mtp_weight: float = 0.0) -> Callable[..., Metrics]:
     """``loss_sums(params, batch, dropout_rng)`` -> weighted sums (see cross_entropy_sums) of
     the logits ``forward`` (the objective's model call) returns.
 
     With ``moe = (a, b)`` the objective adds ``a * load_balance + b * router_z`` (means over
     the MoE layers), weighted by the batch's target count so that the final division by the
     global count leaves them as plain means; the router statistics come back as ``moe_*``.
+    A model with MTP modules adds ``mtp_weight * mtp_loss_sum`` (what the causal objective
+    recorded: ``objectives.loss.mtp_loss_sums``), which comes back as ``mtp_*`` too.
     """
     def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
         model = nnx.merge(graphdef, params)
@@ -50,6 +52,10 @@ def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: f
             sums["loss_sum"] = sums["loss_sum"] + w * (moe[0] * stats["load_balance_loss"]
                                                        + moe[1] * stats["router_z_loss"])
             sums.update({f"moe_{k}_sum": w * v for k, v in stats.items()})
+        mtp = collect_mtp_sums(intermediates)  # {} without MTP modules
+        if mtp:
+            sums["loss_sum"] = sums["loss_sum"] + mtp_weight * mtp["mtp_loss_sum"]
+            sums.update(mtp)
         return sums
 
     return loss_sums
@@ -71,15 +77,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     forward: LogitsFn, dropout: bool = False, seed: int = 0,
                     label_smoothing: float = 0.0, z_loss: float = 0.0, mesh: Mesh | None = None,
                     rules: Rules | None = None,
-                    moe: tuple[float, float] | None = None
+                    moe: tuple[float, float] | None = None, mtp_weight: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
     and the incoming state donated (updated in place). With ``dropout`` the model gets a key
     derived from (seed, step, micro-batch); label smoothing and z-loss shape the objective
     (``loss``), while ``nll`` stays the plain negative log-likelihood. With ``mesh`` and
     ``rules`` the model's activation constraints pin activations to the mesh; ``moe`` adds
-    the router losses (see make_loss_sums)."""
-    loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe)
+    the router losses and ``mtp_weight`` the multi-token-prediction loss (see
+    make_loss_sums)."""
+    loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight)
 
     def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
         def objective(p):
@@ -146,7 +153,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "skipped": 1.0 - finite.astype(jnp.float32),  # 1: the update was not applied
         }
         metrics.update({k[:-len("_sum")]: v / n for k, v in sums.items()
-                        if k.startswith("moe_")})
+                        if k.startswith(("moe_", "mtp_"))})
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
