@@ -84,21 +84,15 @@ def run_dir_to_hf(run_dir: Path | str, out: Path | str, step: int | None = None)
                 shutil.copyfile(run_dir / name, out / name)
 
 
-def _hf_tokenizer(path: Path) -> Tokenizer | None:
-    """The ``tokenizer.json`` of a Hugging Face directory (None when it has none)."""
+def _hf_tokenizer(path: Path, what: str = "") -> Tokenizer | None:
+    """The tokenizer in ``path`` (a ``tokenizer.json``; None when there is none)."""
     if not path.is_file():
         return None
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception for an unreadable file
-        raise UserError(f"cannot read {path}: {str(e).strip()[:200]}") from e
+        raise UserError(f"cannot read {what}{path}: {str(e).strip()[:200]}") from e
 
 
 def _run_tokenizer(run_dir: Path) -> Tokenizer | None:
-    path = run_dir / rundir.TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception for an unreadable file
-        raise UserError(f"cannot read the run's tokenizer {path}: {str(e).strip()[:200]}") from e
+    return _hf_tokenizer(run_dir / rundir.TOKENIZER_FILE, "the run's tokenizer ")

@@ -22,7 +22,12 @@ import numpy as np
 
 from jaxformer.errors import UserError
 from jaxformer.inference.families import Family, Prompts
-from jaxformer.inference.processors import SamplingParams, sample_token, stop_mask
+from jaxformer.inference.processors import (
+    SamplingParams,
+    check_token_ids,
+    sample_token,
+    stop_mask,
+)
 
 if TYPE_CHECKING:
     from jaxformer.inference.prompt_cache import PromptCache
@@ -134,9 +139,7 @@ class Generator:
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         vocab = self.family.vocab_size
-        for t in stop_tokens:
-            if not 0 <= t < vocab:
-                raise UserError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+        check_token_ids(prompts, stop_tokens, vocab)
         cached = None
         if prefix is not None:
             if len(prompts) != 1:
@@ -146,8 +149,6 @@ class Generator:
             cached = (jnp.asarray([prefix.tokens[:-1]], jnp.int32),
                       [{k: jnp.asarray(v) for k, v in layer.items()} for layer in prefix.kv])
         batch = Prompts.pack(prompts, self.pad_id, left=self.family.left_pad)
-        if batch.tokens.max() >= vocab or batch.tokens.min() < 0:
-            raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")
         width = batch.tokens.shape[1] + (0 if prefix is None else len(prefix.tokens) - 1)
         cache_len = self.family.cache_len(width, max_new_tokens)
         loop, slot = self._start(self.params, jnp.asarray(batch.tokens),

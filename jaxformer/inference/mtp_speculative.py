@@ -46,7 +46,8 @@ from flax import nnx
 
 from jaxformer.errors import UserError
 from jaxformer.inference.families import DecoderFamily
-from jaxformer.inference.speculative import SpeculativeStats, stop_mask
+from jaxformer.inference.processors import check_token_ids, stop_mask
+from jaxformer.inference.speculative import SpeculativeStats
 
 
 @dataclasses.dataclass
@@ -181,11 +182,7 @@ def mtp_generate(family: DecoderFamily, params: Any, prompt: Sequence[int], *,
     prompt = [int(t) for t in prompt]
     check_mtp(family, len(prompt), max_new_tokens)
     vocab = family.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):
-        raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")
-    for t in stop_tokens:
-        if not 0 <= t < vocab:
-            raise UserError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+    check_token_ids([prompt], stop_tokens, vocab)
     new, count, rounds, accepted = _run(family, params, jnp.asarray(prompt, jnp.int32),
                                         stop_mask(stop_tokens, vocab),
                                         max_new_tokens=max_new_tokens)

@@ -193,3 +193,13 @@ def sample_token(logits: jnp.ndarray, key: jax.Array, params: SamplingParams,
 def stop_mask(stop_tokens: Sequence[int], vocab: int) -> jnp.ndarray:
     """The stop tokens as a [V] bool mask: one shape whatever their number (no recompile)."""
     return jnp.zeros((vocab,), bool).at[jnp.asarray(list(stop_tokens), jnp.int32)].set(True)
+
+
+def check_token_ids(prompts: Sequence[Sequence[int]], stop_tokens: Sequence[int],
+                    vocab: int) -> None:
+    """A UserError (one line) for a prompt token or a stop token outside [0, vocab)."""
+    for t in stop_tokens:
+        if not 0 <= t < vocab:
+            raise UserError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")

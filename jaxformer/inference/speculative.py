@@ -44,7 +44,12 @@ import numpy as np
 from jaxformer.errors import UserError
 from jaxformer.inference.families import DecoderFamily
 from jaxformer.inference.generate import GREEDY
-from jaxformer.inference.processors import SamplingParams, process_logits, stop_mask
+from jaxformer.inference.processors import (
+    SamplingParams,
+    check_token_ids,
+    process_logits,
+    stop_mask,
+)
 
 
 @dataclasses.dataclass
@@ -232,11 +237,7 @@ def speculative_generate(target: DecoderFamily, target_params: Any, draft: Decod
     prompt = [int(t) for t in prompt]
     check_speculative(target, draft, len(prompt), max_new_tokens, k)
     vocab = target.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):
-        raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")
-    for t in stop_tokens:
-        if not 0 <= t < vocab:
-            raise UserError(f"stop token {t} is outside the vocabulary [0, {vocab})")
+    check_token_ids([prompt], stop_tokens, vocab)
     new, count, rounds, accepted = _run(
         target, target_params, draft, draft_params, jnp.asarray(prompt, jnp.int32),
         jax.random.key(seed), stop_mask(stop_tokens, vocab), max_new_tokens=max_new_tokens,
