@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 from jaxformer import config as config_lib
+from jaxformer.cli import main
 from jaxformer.config import Config, ModelConfig
 from jaxformer.models import presets
 from jaxformer.train.loop import train
@@ -54,7 +56,7 @@ def test_span_corruption_learns_the_spans(tmp_path):
     assert ev["accuracy"] > 0.3, ev
 
 
-def test_transformer_2017_learns_to_reverse(tmp_path):
+def test_transformer_2017_learns_to_reverse(tmp_path, capsys):
     model = presets.transformer_2017(n_layers=2, d_model=128, n_heads=4, d_ff=256,
                                      vocab_size=64, max_len=32)
     r = run(tmp_path, model, "objective.kind=seq2seq", "data.source=synthetic:reverse",
@@ -67,6 +69,17 @@ def test_transformer_2017_learns_to_reverse(tmp_path):
     ev = final_eval(r)
     assert ev["accuracy"] > 0.9, ev  # per target token
     assert ev["exact_match"] > 0.5, ev  # whole sequences, greedy decoding
+    # `jaxformer sample` on the run (sources as symbol numbers, one batch): most of 8 new
+    # sources come back reversed in the target alphabet.
+    rng = np.random.default_rng(7)
+    sources = [rng.integers(0, 24, rng.integers(4, 12)).tolist() for _ in range(8)]
+    args = ["sample", str(tmp_path / "run"), "--temperature", "0", "--max-new-tokens", "16"]
+    for src in sources:
+        args += ["--prompt", " ".join(map(str, src))]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.strip().split("\n\n")
+    want = [" ".join(f"t{s}" for s in reversed(src)) for src in sources]
+    assert sum(p == w for p, w in zip(printed, want, strict=True)) >= 5, (printed, want)
 
 
 @pytest.mark.parametrize("bad, message", [
