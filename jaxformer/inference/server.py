@@ -26,7 +26,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,28 +120,12 @@ class Service:
             return _error(request, e)
         reply = TextCompletion(self.name, spec.include_usage)
 
-        if not spec.stream:
-            try:
-                await job.run()
-            except ApiError as e:
-                return _error(request, e)
-            _done(request, job, began)
-            return JSONResponse(reply.chunk(
-                [reply.choice(c.index, c.text, c.finish) for c in job.choices], job.usage()))
+        async def pieces() -> AsyncIterator[str]:
+            async for c, delta in job.events():
+                yield sse(reply.chunk([reply.choice(c.index, delta, c.finish)]))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for c, delta in job.events():
-                    yield sse(reply.chunk([reply.choice(c.index, delta, c.finish)]))
-                if spec.include_usage:
-                    yield sse(reply.chunk([], job.usage()))
-                yield SSE_DONE
-                _done(request, job, began)
-            except ApiError as e:
-                _log_error(request, e)
-                yield sse(e.body())
-
-        return _stream(events())
+        return await _respond(request, job, began, spec, reply, lambda: reply.chunk(
+            [reply.choice(c.index, c.text, c.finish) for c in job.choices], job.usage()), pieces)
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         began = time.perf_counter()
@@ -165,34 +149,46 @@ class Service:
             return _error(request, e)
         reply = ChatCompletion(self.name, spec.include_usage)
 
-        if not spec.stream:
-            try:
-                await job.run()
-            except ApiError as e:
-                return _error(request, e)
+        async def pieces() -> AsyncIterator[str]:
+            for c in job.choices:
+                yield sse(reply.chunk([reply.delta(c.index, {"role": "assistant", "content": ""})]))
+            async for c, text in job.events():
+                if text:
+                    yield sse(reply.chunk([reply.delta(c.index, {"content": text})]))
+                if c.finish is not None:
+                    yield sse(reply.chunk([reply.delta(c.index, {}, c.finish)]))
+
+        return await _respond(request, job, began, spec, reply, lambda: reply.body(
+            [reply.message(c.index, c.text, c.finish) for c in job.choices], job.usage()), pieces)
+
+
+async def _respond(request: HttpRequest, job: Job, began: float, spec: Spec,
+                   reply: TextCompletion | ChatCompletion, whole: Callable[[], dict],
+                   pieces: Callable[[], AsyncIterator[str]]) -> Response:
+    """The answer to a started job, either endpoint: ``whole()`` once it has finished, or
+    (streaming) its ``pieces()`` as server-sent events, the usage chunk when asked for, then
+    [DONE]. An error once streaming has begun is the stream's last event."""
+    if not spec.stream:
+        try:
+            await job.run()
+        except ApiError as e:
+            return _error(request, e)
+        _done(request, job, began)
+        return JSONResponse(whole())
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for piece in pieces():
+                yield piece
+            if spec.include_usage:
+                yield sse(reply.chunk([], job.usage()))
+            yield SSE_DONE
             _done(request, job, began)
-            return JSONResponse(reply.body(
-                [reply.message(c.index, c.text, c.finish) for c in job.choices], job.usage()))
+        except ApiError as e:
+            _log_error(request, e)
+            yield sse(e.body())
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for c in job.choices:
-                    yield sse(reply.chunk([reply.delta(c.index,
-                                                       {"role": "assistant", "content": ""})]))
-                async for c, text in job.events():
-                    if text:
-                        yield sse(reply.chunk([reply.delta(c.index, {"content": text})]))
-                    if c.finish is not None:
-                        yield sse(reply.chunk([reply.delta(c.index, {}, c.finish)]))
-                if spec.include_usage:
-                    yield sse(reply.chunk([], job.usage()))
-                yield SSE_DONE
-                _done(request, job, began)
-            except ApiError as e:
-                _log_error(request, e)
-                yield sse(e.body())
-
-        return _stream(events())
+    return _stream(events())
 
 
 def _log_error(request: HttpRequest, e: ApiError) -> None:
