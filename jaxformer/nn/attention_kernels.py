@@ -37,10 +37,12 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.masks import MASK_VALUE, causal_mask, segment_mask, sliding_window_mask
-from jaxformer.parallel.sharding import is_split
+from jaxformer.parallel.sharding import active_sharding, is_split, logical_to_spec
+from jaxformer.parallel.target import target_platform
 
 
 class AttentionFn(Protocol):
@@ -306,19 +308,42 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     if unsupported:
         return _fall_back("splash", " or ".join(unsupported), q, k, v, **kwargs)
 
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
-    kernel = _splash_kernel(n, t, s, is_causal, window, interpret)
     # Splash takes no scale: fold it into q, as MaxText does.
     q = q * jnp.asarray(h**-0.5 if scale is None else scale, q.dtype)
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N|K, T|S, H] per example
-    if segment_ids is None:
-        out = jax.vmap(kernel)(q, k, v)
-    else:
-        seg = segment_ids.astype(jnp.int32)
-        out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(q=seg, kv=seg)))(
-            q, k, v, seg)
-    return out.transpose(0, 2, 1, 3)
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    def local(q, k, v, seg):  # one device's rows and heads
+        kernel = _splash_kernel(q.shape[2], t, s, is_causal, window, interpret)
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N|K, T|S, H]
+        if seg is None:
+            out = jax.vmap(kernel)(q, k, v)
+        else:
+            from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+            out = jax.vmap(lambda q, k, v, seg: kernel(
+                q, k, v, splash.SegmentIds(q=seg, kv=seg)))(q, k, v, seg)
+        return out.transpose(0, 2, 1, 3)
+
+    active = active_sharding()
+    if active is None or active[0].size == 1:
+        return local(q, k, v, seg)
+    # A Pallas kernel cannot be partitioned by XLA: run it per device under shard_map, rows
+    # split as the batch is and heads as the activations' heads are (the sequence stays whole:
+    # with sequence parallelism the keys are gathered first).
+    mesh, rules = active
+    q_spec = logical_to_spec(("batch", None, "act_heads", None), rules, q.shape, mesh)
+    kv_spec = logical_to_spec(("batch", None, "act_heads", None), rules, k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:  # K/V heads do not split like the query heads: keep all heads
+        q_spec = kv_spec = P(q_spec[0], None, None, None)
+    seg_spec = P(q_spec[0], None)
+    if seg is None:
+        fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh,
+                           in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                           check_vma=False)
+        return fn(q, k, v)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q, k, v, seg)
 
 
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
@@ -360,5 +385,6 @@ def resolve_implementation(name: str, backend: str) -> str:
 
 
 def get_attention_fn(name: str = "auto", backend: str | None = None) -> AttentionFn:
-    """The kernel ``name`` resolves to on ``backend`` (default: ``jax.default_backend()``)."""
-    return IMPLEMENTATIONS[resolve_implementation(name, backend or jax.default_backend())]
+    """The kernel ``name`` resolves to on ``backend`` (default: the platform traced for,
+    ``target_platform()``)."""
+    return IMPLEMENTATIONS[resolve_implementation(name, backend or target_platform())]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.nn.params import normal_param
+from jaxformer.parallel.target import target_platform
 
 
 @jax.custom_vjp
@@ -60,7 +61,7 @@ class Embedding(nnx.Module):
         """
         table = self.table[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        if jax.default_backend() == "cpu":
+        if target_platform() == "cpu":
             b, t, d = x.shape
             return tied_logits(x.reshape(b * t, d), table).reshape(b, t, -1).astype(jnp.float32)
         return jnp.einsum("BTD,VD->BTV", x, table).astype(jnp.float32)

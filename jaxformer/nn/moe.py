@@ -75,6 +75,7 @@ from flax import nnx
 
 from jaxformer.nn.feedforward import GATED_ACTIVATIONS, FeedForward, activation_fn
 from jaxformer.nn.params import normal_param
+from jaxformer.parallel.target import target_platform
 
 DROPLESS_IMPLS = ("auto", "ragged", "dense")
 
@@ -210,7 +211,7 @@ class MoEFeedForward(nnx.Module):
     def _dropless_kind(self) -> str:
         if self.dropless_impl != "auto":
             return self.dropless_impl
-        return "dense" if jax.default_backend() == "cpu" else "ragged"
+        return "dense" if target_platform() == "cpu" else "ragged"
 
     def _dropless(self, xc: jnp.ndarray, experts: jnp.ndarray, gates: jnp.ndarray) -> jnp.ndarray:
         """Every token-choice computed. xc: [N, D] -> [N, D]."""

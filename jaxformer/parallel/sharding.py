@@ -119,6 +119,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_sharding() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the current ``activation_sharding`` context, or None outside one."""
+    return _ACTIVE.get()
+
+
 def is_split(name: str) -> bool:
     """Whether activations' logical axis ``name`` is split over more than one device in the
     current ``activation_sharding`` context (False outside one)."""

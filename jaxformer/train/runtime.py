@@ -25,6 +25,7 @@ from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
+from jaxformer.parallel.target import target_platform
 from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxformer.train.state import (
     TrainState,
@@ -119,7 +120,7 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
         raise UserError(f"data.seq_len={cfg.data.seq_len} is not divisible by the "
                         f"{mesh.shape['sequence']} devices of the sequence axis")
     try:  # a kernel this backend lacks (cudnn on CPU) would fail only when the step compiles
-        resolve_implementation(cfg.model.attention, jax.default_backend())
+        resolve_implementation(cfg.model.attention, target_platform())
     except ValueError as e:
         raise UserError(f"model.attention: {e}") from None
     if cfg.model.n_experts and cfg.model.n_experts % mesh.shape["expert"]:
