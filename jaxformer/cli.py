@@ -1,5 +1,5 @@
-"""The ``jaxformer`` command: train | sample | serve | quantize | bench | convert | plot |
-attention | sweep | runs.
+"""The ``jaxformer`` command: train | sample | serve | quantize | bench | compile | convert |
+plot | attention | sweep | runs.
 
 Errors a user can cause end with one ``error: ...`` line on stderr and exit status 2; a run
 stopped by SIGTERM/SIGINT after saving exits 75, one that diverged 3 (docs/usage.md).
@@ -143,6 +143,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-peak", action="store_true",
                    help="measure this machine's CPU peak FLOP/s (the MFU denominator, cached "
                         "per machine) again; without EXPERIMENT, only that")
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology on this "
+                       "machine: memory, FLOPs, collectives, estimated MFU",
+                       description="Compile the experiment's train and eval steps ahead of "
+                       "time for a TPU topology (needs libtpu: pip install \"jax[tpu]\"; no TPU "
+                       "needed) and report per-chip memory against HBM, FLOPs, collective bytes "
+                       "and a roofline estimate of step time and MFU. Exit status 4: it does "
+                       "not fit. See docs/scaling.md.")
+    experiment_args(p)
+    p.add_argument("--topology", required=True, metavar="NAME",
+                   help="CHIP:SHAPE, e.g. v5e:16x16, v5p:4x4x8, v6e:16x16, v4:4x4x8")
+    p.add_argument("--slices", type=int, default=1, help="multi-slice: this many slices")
+    p.add_argument("--sweep", action="store_true",
+                   help="compile every mesh preset x remat policy and print what fits and "
+                        "the best estimated MFU")
+    p.add_argument("--presets", default=",".join(("fsdp", "fsdp_tensor", "data")),
+                   help="with --sweep: mesh presets, comma-separated")
+    p.add_argument("--remats", default="none,save_dots_no_batch,save_dots,full",
+                   help="with --sweep: remat policies, comma-separated")
     p = sub.add_parser("attention", help="per-layer, per-head attention heat maps of a prompt")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--text", required=True, help="the prompt (encoder-decoder: the source)")
@@ -258,6 +276,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from jaxformer.aot.report import (
+        DOES_NOT_FIT,
+        best,
+        compile_report,
+        format_report,
+        format_sweep,
+        json_line,
+        sweep,
+    )
+
+    if args.sweep:
+        rows = sweep(cfg, args.topology, args.slices, presets=_csv(args.presets),
+                     remats=_csv(args.remats), echo=lambda line: print(line, file=sys.stderr))
+        print(format_sweep(rows))
+        for row in rows:
+            print(json_line(row))
+        return 0 if best(rows) is not None else DOES_NOT_FIT
+    report = compile_report(cfg, args.topology, args.slices)
+    print(format_report(report))
+    print(json_line(report))
+    return 0 if report["fits"] else DOES_NOT_FIT
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from jaxformer.hf.run_dir import hf_to_run_dir, run_dir_to_hf
 
@@ -294,7 +341,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench, "compile": cmd_compile,
             "convert": cmd_convert, "plot": cmd_plot}
 
 def cmd_attention(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ LAYERS = {
     "runs": 6,
     "inference": 7, "hf": 7,
     "train": 8,
-    "analysis": 9, "sweep": 9,
+    "analysis": 9, "sweep": 9, "aot": 9,
     "cli": 10,
 }
 LAZY_IMPORTS_ALLOWED = {"cli", "sweep.commands"}
