@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,9 +33,12 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return status, out, err
 
 
-def test_tiny_model_compiles_for_a_v5e_slice(capsys):
-    status, out, _ = run(capsys, "--topology", "v5e:2x2", *TINY)
+def test_tiny_model_compiles_for_a_v5e_slice(capsys, tmp_path):
+    status, out, _ = run(capsys, "--topology", "v5e:2x2", *TINY, "--dump", str(tmp_path))
     assert status == 0
+    # the dumped programs: JAX's dots before, the TPU's fusions and collectives after
+    assert " dot(" in (tmp_path / "train_step.hlo").read_text()
+    assert "all-gather" in (tmp_path / "train_step.compiled.hlo").read_text()
     report = json.loads(out.strip().splitlines()[-1])
     assert report["fits"] and "fits," in out
     assert report["chips"] == 4 and report["mesh"]["fsdp"] == 4
@@ -54,7 +60,20 @@ def test_tiny_model_compiles_for_a_v5e_slice(capsys):
     assert report["limited_by"] in ("compute", "memory", "collectives")
     assert report["step_s"] == max(report["compute_s"], report["memory_s"],
                                    report["collectives_s"])
-    assert 0 < report["mfu_percent"] <= 100 * report["compute_s"] / report["step_s"] + 1e-6
+    # MFU: model FLOPs over what v5e's 197 TFLOP/s would do in the estimated step time
+    assert report["mfu_percent"] == pytest.approx(
+        100 * report["model_flops_per_chip"] / (197e12 * report["step_s"]), rel=2e-3)
+
+
+def test_two_slices_with_data_parallelism_across_them(capsys):
+    status, out, _ = run(capsys, "--topology", "v5e:2x2", "--slices", "2", *TINY,
+                         "--set", "mesh.data=2")
+    assert status == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["chips"] == 8 and report["slices"] == 2
+    assert report["mesh"]["data"] == 2 and report["mesh"]["fsdp"] == 4
+    # gradients are summed across the two data-parallel halves
+    assert report["collective_bytes"]["all-reduce"] > 0 and report["fits"]
 
 
 def test_a_model_too_large_for_the_chip_is_reported(capsys):
@@ -107,3 +126,17 @@ def test_scale_presets_have_their_size(name, size):
     assert count_params(state) == pytest.approx(size, rel=0.01)
     assert cfg.model.compute_dtype == "bfloat16" and cfg.model.scan_layers
     assert cfg.data.seq_len <= cfg.model.max_len and math.log2(cfg.train.batch_size) % 1 == 0
+
+
+def test_commands_on_a_machine_without_tpu_print_no_tpu_runtime_noise(tmp_path):
+    """libtpu (installed for `compile`) would start the TPU runtime before every JAX program
+    and print its failure on a machine without a TPU; the command picks this machine's
+    platforms first."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-m", "jaxformer.cli", "plot", "--schedule",
+                          str(ROOT / "experiments/gpt_tiny.py"), "--out",
+                          str(tmp_path / "lr.png")], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
+    assert (tmp_path / "lr.png").stat().st_size > 0
