@@ -28,6 +28,7 @@ from flax import nnx
 from jaxformer.config import Config, ModelConfig, ObjectiveConfig
 from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
+from jaxformer.nn.attention import cache_length
 
 State = dict[str, Any]
 Unpack = Callable[[Any], Any]  # stored parameters -> the parameters the model takes
@@ -99,7 +100,7 @@ class DecoderFamily:
         continue it at slot C."""
         model = self._model(params)
         b, t = tokens.shape
-        c = next(iter(prefix_kv[0].values())).shape[1]
+        c = cache_length(prefix_kv[0])
         cache = [{k: jax.lax.dynamic_update_slice(a, p[k].astype(a.dtype), (0,) * a.ndim)
                   for k, a in layer.items()}
                  for layer, p in zip(model.init_cache(b, cache_len), prefix_kv, strict=True)]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.errors import UserError
+from jaxformer.nn.attention import cache_length, slot_axis
 
 TRASH_BLOCK = 0
 
@@ -113,7 +114,9 @@ class BlockAllocator:
 
 
 def init_pool(model: nnx.Module, num_blocks: int, block_size: int) -> list[dict[str, Any]]:
-    """Zeroed pool arrays shaped like the model's own cache: [num_blocks, block_size, ...]."""
+    """Zeroed pool arrays shaped like the model's own cache, a block per row: [num_blocks,
+    block_size, ...] with the block's slots on the array's slot axis (``slot_axis``: k and v
+    [num_blocks, K, block_size, H])."""
     return model.init_cache(num_blocks, block_size)
 
 
@@ -122,15 +125,32 @@ def paged_decode(model: nnx.Module, pool: list[dict[str, Any]], tokens: jnp.ndar
     """tokens [B, T] written at slots starts[b] .. starts[b] + T - 1 of row b, whose blocks are
     tables [B, M] -> (logits [B, T, V], the pool with those slots written)."""
     b, t = tokens.shape
-    z = next(iter(pool[0].values())).shape[1]
-    views = [{k: a[tables].reshape(b, -1, *a.shape[2:]) for k, a in layer.items()}
-             for layer in pool]  # [B, M*Z, ...] per array
+    z = cache_length(pool[0])
+    views = [{k: _gather_blocks(a, tables, slot_axis(k)) for k, a in layer.items()}
+             for layer in pool]  # each row's blocks as one cache of M*Z slots
     logits, views = model.decode(tokens, views, starts)
     slots = starts[:, None] + jnp.arange(t)  # [B, T]
     blocks = jnp.take_along_axis(tables, slots // z, axis=1).reshape(-1)
     offsets = (slots % z).reshape(-1)
     rows = jnp.repeat(jnp.arange(b), t)
-    new_pool = [{k: a.at[blocks, offsets].set(view[k][rows, slots.reshape(-1)])
+    new_pool = [{k: _scatter_slots(a, view[k], slot_axis(k), blocks, offsets, rows,
+                                   slots.reshape(-1))
                  for k, a in layer.items()} for layer, view in zip(pool, views, strict=True)]
     return logits, new_pool
+
+
+def _gather_blocks(pool: jnp.ndarray, tables: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """pool [NB, ..., Z (at ``axis``), ...] and tables [B, M] -> [B, ..., M*Z, ...]."""
+    blocks = jnp.moveaxis(pool[tables], 1, axis)  # [B, ..., M, Z, ...]
+    shape = blocks.shape
+    return blocks.reshape(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2:])
+
+
+def _scatter_slots(pool: jnp.ndarray, view: jnp.ndarray, axis: int, blocks: jnp.ndarray,
+                   offsets: jnp.ndarray, rows: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
+    """The pool with slot ``slots[i]`` of view row ``rows[i]`` written at slot ``offsets[i]`` of
+    block ``blocks[i]`` (slots on ``axis`` in both)."""
+    between = (slice(None),) * (axis - 1)  # the axes before the slots (k/v: the heads)
+    # Advanced indices around slices: the indexed dimension comes first on both sides, [N, ...].
+    return pool.at[(blocks, *between, offsets)].set(view[(rows, *between, slots)])
 

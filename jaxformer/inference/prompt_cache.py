@@ -8,8 +8,10 @@ a fingerprint of the parameters it was computed with: a cache from other weights
 A continuation is tokenized on its own and appended to the prefix's ids (tokens do not merge
 across the boundary, as they might when the whole text is tokenized at once).
 
-Format: one ``.npz`` with ``tokens`` [P], ``fingerprint`` (a string) and ``layer{i}.{name}``
-[1, P - 1, ...] for each cache array of each layer.
+Format: one ``.npz`` with ``tokens`` [P], ``fingerprint`` (a string), ``layout``
+("heads_first") and ``layer{i}.{name}`` for each cache array of each layer, laid out as the
+model's decode cache (``LayerCache`` k/v [1, K, P - 1, H]; MLA [1, P - 1, C]). Files written
+before the cache went heads first have no ``layout`` and are refused with a line that says so.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from jaxformer.errors import UserError
 from jaxformer.inference.families import DecoderFamily
 
 SAMPLE_ELEMENTS = 4096  # elements of each parameter array that go into the fingerprint
+LAYOUT = "heads_first"  # the decode cache's layout (nn.attention.LayerCache)
 
 
 @dataclasses.dataclass
 class PromptCache:
     tokens: list[int]  # the prefix's ids
-    kv: list[dict[str, np.ndarray]]  # per layer, each [1, len(tokens) - 1, ...]
+    kv: list[dict[str, np.ndarray]]  # per layer, laid out as the model's cache (1 row)
     fingerprint: str
 
 
@@ -76,7 +79,7 @@ def save(cache: PromptCache, path: Path) -> None:
     arrays = {f"layer{i}.{k}": v for i, layer in enumerate(cache.kv) for k, v in layer.items()}
     buf = io.BytesIO()  # written whole, then renamed: a failed write leaves no half file
     np.savez(buf, tokens=np.asarray(cache.tokens, np.int32),
-             fingerprint=np.asarray(cache.fingerprint), **arrays)
+             fingerprint=np.asarray(cache.fingerprint), layout=np.asarray(LAYOUT), **arrays)
     tmp = Path(str(path) + ".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
@@ -90,6 +93,7 @@ def load(path: Path, family: DecoderFamily, params: Any) -> PromptCache:
         with np.load(path) as f:
             tokens = f["tokens"].tolist()
             digest = str(f["fingerprint"])
+            layout = str(f["layout"]) if "layout" in f.files else "slots_first"
             layers: dict[int, dict[str, np.ndarray]] = {}
             for name in f.files:
                 if name.startswith("layer"):
@@ -97,6 +101,9 @@ def load(path: Path, family: DecoderFamily, params: Any) -> PromptCache:
                     layers.setdefault(int(index), {})[key] = f[name]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read the prompt cache {path}: {e}") from None
+    if layout != LAYOUT:
+        raise UserError(f"the prompt cache {path} was saved by an older jaxformer, whose cache "
+                        "kept the slots before the heads; save it again")
     if digest != fingerprint(params):
         raise UserError(f"the prompt cache {path} was computed with other weights (another "
                         "run or checkpoint); save it again from this one")

@@ -24,7 +24,7 @@ from jaxformer.models.common import (
     token_table,
 )
 from jaxformer.models.layer_stack import REMAT_POLICIES, apply_blocks, make_blocks
-from jaxformer.nn.attention import LayerCache, decode_mask, decode_positions
+from jaxformer.nn.attention import LayerCache, cache_length, decode_mask, decode_positions
 from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
 from jaxformer.nn.norms import RMSNorm
@@ -163,7 +163,7 @@ class DecoderLM(nnx.Module):
 
     def _empty_cache(self, batch: int, length: int, n: int) -> list[LayerCache] | list[MLACache]:
         cfg = self.cfg
-        shape = (batch, length, cfg.kv_heads, cfg.head_size)
+        shape = (batch, cfg.kv_heads, length, cfg.head_size)  # heads first (LayerCache)
         dtype, _ = dtypes(cfg)
         if cfg.attention_type == "mla":  # the latent and the rope key only, nothing per head
             return [MLACache(latent=jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
@@ -187,7 +187,7 @@ class DecoderLM(nnx.Module):
         what depth 1 of the MTP modules takes, see ``mtp_decode``).
         """
         b, t = tokens.shape
-        s = next(iter(cache[0].values())).shape[1]  # cache length (LayerCache or MLACache)
+        s = cache_length(cache[0])
         positions, inputs = self._decode_inputs(b, t, s, cache_index, offsets, prefix_end)
         x = self.inputs(self.embed, tokens, positions)
         new_cache = []
@@ -210,7 +210,7 @@ class DecoderLM(nnx.Module):
         -> (logits [B, T, V] for the tokens depth + 1 places after each position, this
         depth's hidden states [B, T, D] for the next depth, the updated cache)."""
         b, t = tokens.shape
-        s = next(iter(cache.values())).shape[1]
+        s = cache_length(cache)
         _, inputs = self._decode_inputs(b, t, s, cache_index, offsets, None)
         h, cache = self.mtp[depth - 1](hidden, self.embed(tokens), inputs, cache=cache,
                                        cache_index=cache_index)

@@ -29,7 +29,7 @@ from jaxformer.models.common import (
     token_table,
 )
 from jaxformer.models.layer_stack import apply_blocks, make_blocks
-from jaxformer.nn.attention import LayerCache, decode_mask
+from jaxformer.nn.attention import LayerCache, cache_length, decode_mask
 from jaxformer.nn.masks import padding_mask, segment_mask
 
 
@@ -118,7 +118,7 @@ class EncoderDecoderLM(nnx.Module):
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
         """Empty decoder self-attention cache for ``length`` target positions."""
         cfg = self.cfg
-        shape = (batch, length, cfg.kv_heads, cfg.head_size)
+        shape = (batch, cfg.kv_heads, length, cfg.head_size)  # heads first (LayerCache)
         dtype, _ = dtypes(cfg)
         return [LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                 for _ in range(len(self.decoder))]
@@ -141,13 +141,13 @@ class EncoderDecoderLM(nnx.Module):
         -> (logits [B, T, V] float32, new cache).
         """
         b, t = dec_tokens.shape
-        c = cache[0]["k"].shape[1]
+        c = cache_length(cache[0])
         positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
         key_positions = jnp.broadcast_to(jnp.arange(c), (b, c))
         inputs = AttentionInputs(
             q_positions=positions, bias=self.dec_rel_bias(positions, key_positions),
             mask=decode_mask(b, t, c, cache_index, window=self.cfg.sliding_window or None))
-        src_len = memory.shape[1] if cross_kv is None else cross_kv[0]["k"].shape[1]
+        src_len = memory.shape[1] if cross_kv is None else cache_length(cross_kv[0])
         enc_valid = (jnp.ones((b, src_len), bool) if enc_segment_ids is None
                      else enc_segment_ids != 0)
         cross = AttentionInputs(mask=padding_mask(jnp.ones((b, t), bool), enc_valid))

@@ -17,6 +17,7 @@ whatever ``implementation`` says, and sows it as ``nnx.Intermediate`` "attention
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TypedDict
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from jaxformer.nn.attention_kernels import (
     apply_attention_weights,
     attention_weights,
+    cached_attention,
     get_attention_fn,
     reference_attention,
 )
@@ -35,10 +37,29 @@ from jaxformer.nn.positional import apply_rope
 
 
 class LayerCache(TypedDict):
-    """Decode cache of one attention layer: keys and values of every position written so far."""
+    """Decode cache of one attention layer: keys and values of every position written so far,
+    heads first: each head's slots are contiguous, so the attention products read the cache as
+    it lies (``cached_attention``); with the slots first, XLA copied the whole cache into this
+    order at every decode step (docs/benchmarks.md, "Decoding")."""
 
-    k: jnp.ndarray  # [B, S, K, H]
-    v: jnp.ndarray  # [B, S, K, H]
+    k: jnp.ndarray  # [B, K, S, H]
+    v: jnp.ndarray  # [B, K, S, H]
+
+
+# The axis that holds the slots in each kind of cache array: LayerCache's k/v are heads first;
+# MLA's latent and rope key ([B, S, C]) have no head axis.
+_SLOT_AXIS = {"k": 2, "v": 2}
+
+
+def slot_axis(name: str) -> int:
+    """The slot axis of the cache array called ``name`` (LayerCache k/v: 2; MLA: 1)."""
+    return _SLOT_AXIS.get(name, 1)
+
+
+def cache_length(layer_cache: Mapping[str, jnp.ndarray]) -> int:
+    """Slots of one layer's cache (a LayerCache or an MLACache)."""
+    name, array = next(iter(layer_cache.items()))
+    return array.shape[slot_axis(name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +108,19 @@ def decode_positions(batch: int, length: int, start: jnp.ndarray,
     return jnp.maximum(slots - offsets[:, None], 0)
 
 
-def write_cache(cache: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """cache [B, S, ...] with new [B, T, ...] written at slots index .. index + T - 1: one
-    slice when ``index`` is a scalar, a scatter per row when it is [B]."""
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray,
+                axis: int = 1) -> jnp.ndarray:
+    """cache with new written at slots index .. index + T - 1 along ``axis`` (cache [B, S, ...]
+    and new [B, T, ...] for axis 1; [B, K, S, H] and [B, K, T, H] for axis 2): one slice when
+    ``index`` is a scalar, a scatter per row when it is [B]."""
     new = new.astype(cache.dtype)
-    zeros = (0,) * (cache.ndim - 2)
+
+    def start(i):
+        return tuple(i if d == axis else 0 for d in range(cache.ndim))
+
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache, new, (0, index, *zeros))
-    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, *zeros)))(
+        return jax.lax.dynamic_update_slice(cache, new, start(index))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, start(i)[1:]))(
         cache, new, index)
 
 
@@ -173,9 +199,10 @@ class Attention(nnx.Module):
 
     def context_kv(self, context: jnp.ndarray) -> LayerCache:
         """The keys and values cross-attention reads from ``context`` [B, S, D] (no rotary:
-        cross-attention has none) -> LayerCache of [B, S, K, H] in the compute dtype."""
+        cross-attention has none) -> LayerCache of [B, K, S, H] (heads first, as a decode
+        cache) in the compute dtype."""
         k, v = self._project(context, ("k", "v"))
-        return LayerCache(k=k, v=v)
+        return LayerCache(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3))
 
     def __call__(self, x: jnp.ndarray, *, context: jnp.ndarray | None = None,
                  q_positions: jnp.ndarray | None = None, k_positions: jnp.ndarray | None = None,
@@ -210,13 +237,23 @@ class Attention(nnx.Module):
             k_positions = q_positions if k_positions is None else k_positions
             q = apply_rope(q, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
             k = apply_rope(k, k_positions, theta=self.rope.theta, fraction=self.rope.fraction)
+        heads_first = None  # the [B, K, S, H] keys and values of a cache or a context_kv
         if cache is not None:
-            k, v = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
+            k, v = (write_cache(cache[name], x.transpose(0, 2, 1, 3), cache_index, axis=2)
+                    for name, x in (("k", k), ("v", v)))
             cache = LayerCache(k=k, v=v)
-            k, v = k.astype(dt), v.astype(dt)
+            heads_first = (k.astype(dt), v.astype(dt))
+        elif context_kv is not None:
+            heads_first = (k, v)
         kwargs = dict(mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
                       segment_ids=segment_ids, window=window)
-        if self.capture_attention:
+        if heads_first is not None and not self.capture_attention:
+            out = cached_attention(q, *heads_first, mask=mask, bias=bias, scale=self.scale,
+                                   is_causal=is_causal, window=window)
+        elif heads_first is not None:  # attention maps of a decode step: the reference path
+            k, v = (x.transpose(0, 2, 1, 3) for x in heads_first)
+            out = attend_and_sow(self, q, k, v, kwargs, self.dropout, dropout_rng)
+        elif self.capture_attention:
             out = attend_and_sow(self, q, k, v, kwargs, self.dropout, dropout_rng)
         elif dropout_rng is not None and self.dropout > 0.0:
             # Only the reference kernel drops attention weights; the fused ones cannot.

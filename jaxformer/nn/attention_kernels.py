@@ -119,6 +119,33 @@ def apply_attention_weights(weights: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray
     return out.reshape(b, t, n, h)
 
 
+def cached_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+                     mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
+                     is_causal: bool = False, scale: float | None = None,
+                     window: int | None = None) -> jnp.ndarray:
+    """The reference formula over a decode cache, whose keys and values are heads first.
+
+    q: [B, T, N, H]; k, v: [B, K, S, H] (``LayerCache``); masks and bias as in
+    ``reference_attention`` -> [B, T, N, H]. With the heads before the slots both products are
+    plain batched matmuls over (B, K) that read the cache in place.
+    """
+    b, t, n, h = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    if n % kv:
+        raise ValueError(f"key/value heads ({kv}) must divide query heads ({n})")
+    scale = h**-0.5 if scale is None else scale
+    q5 = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q5, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, n, t, s) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    visible = dense_mask(t, s, mask=mask, is_causal=is_causal, window=window)
+    if visible is not None:
+        scores = jnp.where(visible, scores, MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, n // kv, t, s)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", weights, v).reshape(b, t, n, h)
+
+
 def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
                         mask: jnp.ndarray | None = None, bias: jnp.ndarray | None = None,
                         is_causal: bool = False, scale: float | None = None,

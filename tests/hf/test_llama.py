@@ -108,7 +108,7 @@ def test_kv_cache_decoding_matches_transformers(tmp_path, family, overrides):
         logits, cache = model.decode(jnp.asarray(ids[:, i:i + 1]), cache, jnp.asarray(i))
         steps.append(np.asarray(logits))
     assert np.abs(np.concatenate(steps, axis=1) - theirs).max() < TOL
-    assert cache[0]["k"].shape == (1, 12, 2, 8)  # the cache holds kv heads, not query heads
+    assert cache[0]["k"].shape == (1, 2, 12, 8)  # kv heads (not query heads), heads first
 
 
 @pytest.mark.parametrize(("family", "overrides", "auto"), [
