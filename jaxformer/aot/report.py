@@ -29,6 +29,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,9 +58,12 @@ def abstract_batch(rt: Runtime) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def compile_report(cfg: Config, topology: str, slices: int = 1, *, eval_step: bool = True,
-                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+                   echo: Callable[[str], None] = print, dump: Path | None = None
+                   ) -> dict[str, Any]:
     """Compiles ``cfg``'s train step (and eval step) for ``topology`` -> the report's fields
-    (see the module docstring); ``fits`` False when the program needs more than the HBM."""
+    (see the module docstring); ``fits`` False when the program needs more than the HBM.
+    ``dump``: a directory for the step's HLO text, before (train_step.hlo) and after
+    (train_step.compiled.hlo) XLA's TPU passes."""
     chip = chip_for(topology)
     devices = topology_devices(topology, slices)
     n = len(devices)
@@ -75,6 +79,11 @@ def compile_report(cfg: Config, topology: str, slices: int = 1, *, eval_step: bo
         global_hlo = lowered.as_text(dialect="hlo")
         compiled, oom = _compile(lowered)
         compile_s = time.perf_counter() - start
+        if dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / "train_step.hlo").write_text(global_hlo)
+            if compiled is not None:
+                (dump / "train_step.compiled.hlo").write_text(compiled.as_text())
         eval_oom = None
         if eval_step and compiled is not None:
             _, eval_oom = _compile(rt.eval_step.lower(state.params, batch))
