@@ -250,20 +250,26 @@ def dot_flops(text: str) -> tuple[float, list[str]]:
     comps = parse_module(text)
     mult, unknown = multipliers(comps)
     total = 0.0
-    for comp in comps:
-        m = mult[comp.name]
-        if not m:
-            continue
-        shapes = comp.shapes()
-        for inst in comp.instructions:
-            if inst.opcode != "dot":
-                continue
+    for m, shapes, _, inst in _weighted(comps, mult):
+        if inst.opcode == "dot":
             lhs = array_dims(shapes.get(inst.operands[0], "")) if inst.operands else []
             contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
             k = math.prod(lhs[int(d)] for d in contract.group(1).split(",") if d) if (
                 contract and lhs) else 1
             total += m * 2.0 * math.prod(array_dims(inst.shape)) * k
     return total, unknown
+
+
+def _weighted(comps: list[Computation], mult: dict[str, float], only: set[str] | None = None
+              ) -> Iterator[tuple[float, dict[str, str], Computation, Instruction]]:
+    """(multiplier, the computation's shapes by name, computation, instruction) of every
+    instruction in a computation that runs (in ``only``, when given)."""
+    for comp in comps:
+        if not mult[comp.name] or (only is not None and comp.name not in only):
+            continue
+        shapes = comp.shapes()
+        for inst in comp.instructions:
+            yield mult[comp.name], shapes, comp, inst
 
 
 def _group_size(attrs: str, n_devices: int) -> int:
@@ -287,35 +293,23 @@ def collective_bytes(text: str, n_devices: int) -> dict[str, float]:
     comps = parse_module(text)
     mult, _ = multipliers(comps)
     out = {kind: 0.0 for kind in COLLECTIVES}
-    for comp in comps:
-        m = mult[comp.name]
-        if not m:
+    for m, shapes, comp, inst in _weighted(comps, mult):
+        kind = inst.opcode.removesuffix("-start")
+        if kind not in out:
             continue
-        shapes = comp.shapes()
-        for inst in comp.instructions:
-            kind = inst.opcode.removesuffix("-start")
-            if kind not in out:
-                continue
-            if kind == "all-reduce" and comp.name.startswith("all-reduce-scatter"):
-                # A TPU reduce-scatter: an all-reduce whose result each device slices, fused
-                # and run as a reduce-scatter (input bytes * (n-1)/n on the wire).
-                kind = "reduce-scatter"
-                n = _group_size(inst.attrs, n_devices)
-                out[kind] += m * inst.bytes * (n - 1) / n
-                continue
-            n = _group_size(inst.attrs, n_devices)
-            if kind == "collective-permute":
-                size = _largest_array(inst.shape)
-                out[kind] += m * size
-                continue
-            if n <= 1:
-                continue
+        n = _group_size(inst.attrs, n_devices)
+        if kind == "all-reduce" and comp.name.startswith("all-reduce-scatter"):
+            # A TPU reduce-scatter: an all-reduce whose result each device slices, fused
+            # and run as a reduce-scatter (input bytes * (n-1)/n on the wire).
+            out["reduce-scatter"] += m * inst.bytes * (n - 1) / n
+        elif kind == "collective-permute":
+            out[kind] += m * _largest_array(inst.shape)
+        elif n > 1:
             if kind == "reduce-scatter":
                 size = sum(shape_bytes(shapes.get(op, "")) for op in inst.operands)
             else:
                 size = _largest_array(inst.shape)
-            share = (n - 1) / n
-            out[kind] += m * size * share * (2.0 if kind == "all-reduce" else 1.0)
+            out[kind] += m * size * (n - 1) / n * (2.0 if kind == "all-reduce" else 1.0)
     return out
 
 
@@ -338,25 +332,21 @@ def hbm_bytes(text: str) -> float:
     mult, _ = multipliers(comps)
     run = _executed(comps)
     total = 0.0
-    for comp in comps:
-        if comp.name not in run or not mult[comp.name]:
+    for m, shapes, _, inst in _weighted(comps, mult, only=run):
+        if inst.opcode in _NO_TRAFFIC:
             continue
-        shapes = comp.shapes()
-        for inst in comp.instructions:
-            if inst.opcode in _NO_TRAFFIC:
-                continue
-            operands = [shape_bytes(shapes.get(op, "")) for op in inst.operands]
-            out = inst.bytes
-            if inst.opcode == "dynamic-slice":
-                operands = [out]
-            elif inst.opcode == "dynamic-update-slice" and len(operands) > 1:
-                operands, out = [operands[1]], operands[1]
-            elif inst.opcode == "fusion":
-                body = next((by_name[c] for k, c in callees(inst) if k == "calls"
-                             and c in by_name), None)
-                if body is not None:
-                    operands, out = _fusion_traffic(body, operands, out)
-            total += mult[comp.name] * (out + sum(operands))
+        operands = [shape_bytes(shapes.get(op, "")) for op in inst.operands]
+        out = inst.bytes
+        if inst.opcode == "dynamic-slice":
+            operands = [out]
+        elif inst.opcode == "dynamic-update-slice" and len(operands) > 1:
+            operands, out = [operands[1]], operands[1]
+        elif inst.opcode == "fusion":
+            body = next((by_name[c] for k, c in callees(inst) if k == "calls"
+                         and c in by_name), None)
+            if body is not None:
+                operands, out = _fusion_traffic(body, operands, out)
+        total += m * (out + sum(operands))
     return total
 
 

@@ -97,7 +97,17 @@ def attention_weights(q: jnp.ndarray, k: jnp.ndarray, *, mask: jnp.ndarray | Non
     # Grouping the query heads keeps K/V un-repeated: no [B, S, N, H] copy for GQA/MQA.
     q5 = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q5, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, n, t, s) * scale
+    return _masked_softmax(scores.reshape(b, n, t, s) * scale, bias=bias, mask=mask,
+                           is_causal=is_causal, segment_ids=segment_ids, window=window)
+
+
+def _masked_softmax(scores: jnp.ndarray, *, bias: jnp.ndarray | None,
+                    mask: jnp.ndarray | None, is_causal: bool,
+                    segment_ids: jnp.ndarray | None = None,
+                    window: int | None = None) -> jnp.ndarray:
+    """softmax over the keys of scaled scores [B, N, T, S] (float32) plus ``bias``, hidden keys
+    at MASK_VALUE -> weights [B, N, T, S]."""
+    t, s = scores.shape[2], scores.shape[3]
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     visible = dense_mask(t, s, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
@@ -136,13 +146,9 @@ def cached_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     scale = h**-0.5 if scale is None else scale
     q5 = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q5, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, n, t, s) * scale
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    visible = dense_mask(t, s, mask=mask, is_causal=is_causal, window=window)
-    if visible is not None:
-        scores = jnp.where(visible, scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, n // kv, t, s)
+    weights = _masked_softmax(scores.reshape(b, n, t, s) * scale, bias=bias, mask=mask,
+                              is_causal=is_causal, window=window)
+    weights = weights.astype(v.dtype).reshape(b, kv, n // kv, t, s)
     return jnp.einsum("BKGTS,BKSH->BTKGH", weights, v).reshape(b, t, n, h)
 
 
