@@ -30,7 +30,8 @@ def row(r: dict) -> str:
     maxtext = MAXTEXT.get((r["experiment"], r["chip"], r["chips"]), "")
     if not maxtext and r["experiment"] == "llama2_70b":
         maxtext = MAXTEXT[("llama2_70b", "v5p", 512)]
-    return (f"| `{r['experiment']}` | {r['chip']}-{r['chips']} | {mesh} | {r['remat']} | {gib} | "
+    return (f"| `{r['experiment']}` | {r['chip']}-{r['chips']} | {r['batch_size']} x "
+            f"{r['seq_len']} | {mesh} | {r['remat']} | {gib} | "
             f"{'yes' if r['fits'] else 'no'} | {mfu} | {r.get('limited_by', '-')} | {maxtext} |")
 
 
