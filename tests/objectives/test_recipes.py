@@ -61,11 +61,14 @@ def test_transformer_2017_learns_to_reverse(tmp_path, capsys):
                                      vocab_size=64, max_len=32)
     r = run(tmp_path, model, "objective.kind=seq2seq", "data.source=synthetic:reverse",
             "data.seq_len=17", "objective.label_smoothing=0.1", "train.schedule=inverse_sqrt",
-            "train.lr=0.3", "train.warmup_steps=150", "train.batch_size=32", "train.steps=500",
+            "train.lr=0.3", "train.warmup_steps=150", "train.batch_size=32", "train.steps=400",
             # The paper's Adam betas (0.9, 0.98), as in experiments/transformer_2017.py. With
             # the default beta2=0.95 the loss spiked near step 500 and the final accuracy swung
             # from 0.95 to 0.72 on a last-bit change in the rounding of the update.
-            "train.beta2=0.98", "eval.every=500", "eval.batches=4", corpus=False)
+            # 400 steps: eval at 300 gave accuracy 0.88-0.93 and exact match 0.56, at 400
+            # 0.97-0.98 and 0.81 (two roundings of the same run: default and unoptimized XLA
+            # CPU code); the schedule does not depend on train.steps, so 400 is a prefix of 500.
+            "train.beta2=0.98", "eval.every=400", "eval.batches=4", corpus=False)
     ev = final_eval(r)
     assert ev["accuracy"] > 0.9, ev  # per target token
     assert ev["exact_match"] > 0.5, ev  # whole sequences, greedy decoding

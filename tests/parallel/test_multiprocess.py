@@ -20,6 +20,7 @@ import pytest
 
 from jaxformer.analysis.events import read_scalars
 from tests.corpus import write_corpus
+from tests.parallel.fake_devices import FAST_COMPILE, compile_cache_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,10 @@ REL = 1e-5  # fp32: the same program, partitioned over processes instead of one
 
 
 def _env(**extra: str) -> dict[str, str]:
+    # launch_local.py appends each process's device count to these flags.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": FAST_COMPILE,
+            **extra}
 
 
 def _train_args(corpus: Path, run_dir: Path, fault: str | None = None) -> list[str]:
@@ -47,12 +50,12 @@ def _train_args(corpus: Path, run_dir: Path, fault: str | None = None) -> list[s
             "--no-progress", *sets]
 
 
-def _launch(corpus: Path, run_dir: Path, log_dir: Path, fault: str | None = None
-            ) -> subprocess.CompletedProcess:
+def _launch(corpus: Path, run_dir: Path, log_dir: Path, fault: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2",
            "--devices-per-process", "2", "--log-dir", str(log_dir), "--",
            *_train_args(corpus, run_dir, fault)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -66,8 +69,10 @@ def runs(tmp_path_factory) -> dict:
     corpus = write_corpus(tmp / "corpus", n_docs=40)
     run = tmp / "multi"
     out: dict = {"run": run, "tmp": tmp}
+    # The relaunch compiles the programs the first launch compiled: it loads them instead.
+    env = _env(**compile_cache_env(tmp / "jax-cache"))
 
-    crashed = _launch(corpus, run, tmp / "logs_1", fault=f"{CRASH_AFTER}:SIGTERM:1")
+    crashed = _launch(corpus, run, tmp / "logs_1", fault=f"{CRASH_AFTER}:SIGTERM:1", env=env)
     out["crashed"] = crashed
     out["crashed_files"] = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
     out["crashed_events"] = _event_files(run)
@@ -75,13 +80,13 @@ def runs(tmp_path_factory) -> dict:
                                          if p.name.isdigit())
                                   if (run / "checkpoints").is_dir() else [])
 
-    resumed = _launch(corpus, run, tmp / "logs_2")
+    resumed = _launch(corpus, run, tmp / "logs_2", env=env)
     out["resumed"] = resumed
     out["resumed_events"] = _event_files(run)
 
     single = subprocess.run(
         _train_args(corpus, tmp / "single"), cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+        timeout=300, env=_env(XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=4"))
     assert single.returncode == 0, single.stderr[-3000:]
     out["single"] = single
     out["multi_scalars"] = read_scalars(run) if out["resumed_events"] else {}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.parallel.fake_devices import FAST_COMPILE
+
 SCRIPT = r"""
 import json
 import jax
@@ -27,7 +29,7 @@ print(json.dumps({"one": one, "eight": eight, "shard_rows": shard_rows,
 
 def test_eight_devices_match_one_device():
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=600)
