@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorboardX
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from jaxformer.sweep.space import Sweep
-from jaxformer.train.reporting import HPARAM_METRICS, flat_hparams
+
+# tensorboardX as jaxformer.train.reporting imports it (without PyTorch: see there).
+from jaxformer.train.reporting import HPARAM_METRICS, flat_hparams, tensorboardX
+
+Summary = tensorboardX.proto.summary_pb2.Summary
+SummaryMetadata = tensorboardX.proto.summary_pb2.SummaryMetadata
 
 # Shown after the varied keys, so that every sweep's table says what was trained, and how long.
 HEADLINE_KEYS = ("model.d_model", "model.n_layers", "train.lr", "train.batch_size",

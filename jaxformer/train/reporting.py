@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import tensorboardX
-import tensorboardX.summary
 
-from jaxformer.config import Config, to_dict
+
+def _import_tensorboardx_without_torch() -> None:
+    """Import tensorboardX while hiding PyTorch from it.
+
+    tensorboardX imports torch whenever it is installed, only so that its writers also accept
+    torch tensors; we never pass one. That import costs 2-3 s at the start of every training
+    process in an environment that has torch (ours has it for the Hugging Face comparisons).
+    A ``None`` entry in ``sys.modules`` makes ``import torch`` raise ImportError, which
+    tensorboardX handles; the entry is removed again, so torch imports normally later.
+    """
+    if "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX  # noqa: F401
+        import tensorboardX.summary  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
+_import_tensorboardx_without_torch()
+
+import tensorboardX  # noqa: E402  (after the import above, which keeps torch out)
+import tensorboardX.summary  # noqa: E402
+
+from jaxformer.config import Config, to_dict  # noqa: E402
 
 
 class Reporter:

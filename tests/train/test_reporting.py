@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -46,3 +48,15 @@ def test_samples_render_verbatim_in_tensorboards_text_tab(tmp_path):
     assert len(blocks) == 1 and rendered.strip().startswith("<pre><code>"), rendered
     # Every line as typed (Markdown turns a tab into spaces up to the next 4-column stop).
     assert html.unescape(blocks[0]) == SAMPLES.expandtabs(4) + "\n"
+
+
+def test_training_does_not_import_torch_but_torch_still_imports_after():
+    """tensorboardX would import PyTorch (2-3 s per training process) only to accept torch
+    tensors; the trainer hides it during that import and leaves ``import torch`` working."""
+    code = ("import sys, jaxformer.train.loop, jaxformer.sweep.hparams\n"
+            "print('torch' in sys.modules)\n"
+            "import torch\n"
+            "print(torch.tensor([1.0]).sum().item())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.split() == ["False", "1.0"], out.stdout
