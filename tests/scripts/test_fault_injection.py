@@ -5,15 +5,13 @@ newest finished checkpoint and ends bitwise where the uninterrupted run ends."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
-from tests.parallel.fake_devices import FAST_COMPILE, compile_cache_env
+from tests.parallel.fake_devices import compile_cache_env
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +19,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fault_injection.py"
 
 
 def test_random_kill_points_resume_bitwise(tmp_path, monkeypatch):
-    # The three training processes (reference, killed, rerun) inherit this environment: they
-    # compile unoptimized machine code, faster (the same flags on every side), and the killed
-    # run and the rerun load the reference's executables from the cache (the same programs:
-    # the killed run only reads entries, so no kill lands in a write; an unreadable entry
-    # would only be compiled again). This process's own backend is started first, with the
-    # session's flags.
-    jax.devices()
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
+    # The three training processes (reference, killed, rerun) inherit this environment (the
+    # session's unoptimized-code flags, tests/conftest.py), and the killed run and the rerun
+    # load the reference's executables from the cache (the same programs: the killed run only
+    # reads entries, so no kill lands in a write; an unreadable entry would only be compiled
+    # again).
     for key, value in compile_cache_env(tmp_path / "jax-cache").items():
         monkeypatch.setenv(key, value)
     spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)

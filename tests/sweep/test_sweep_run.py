@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 
 import pytest
@@ -20,7 +19,7 @@ from jaxformer.sweep.runner import checkpoint_step
 from jaxformer.sweep.space import load_sweep
 from jaxformer.train.loop import train
 from tests.corpus import write_corpus
-from tests.parallel.fake_devices import FAST_COMPILE, compile_cache_env
+from tests.parallel.fake_devices import compile_cache_env
 from tests.sweep.helpers import write_experiment
 
 pytestmark = pytest.mark.slow
@@ -45,9 +44,8 @@ def swept(tmp_path_factory):
     train(point.cfg, sweep_dir / point.name, stop_at=2, progress=False, echo=lambda s: None)
     assert checkpoint_step(sweep_dir / point.name) == 2
     with pytest.MonkeyPatch.context() as patch:
-        # The points' training processes inherit these: unoptimized machine code compiles
-        # faster, and the programs the points share (init, eval) are compiled once.
-        patch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
+        # The points' training processes inherit these (and the session's unoptimized-code
+        # flags): the programs the points share (init, eval) are compiled once.
         for key, value in compile_cache_env(tmp / "jax-cache").items():
             patch.setenv(key, value)
         code, out, err = run_main("sweep", str(exp), "--sweep-dir", str(sweep_dir),
