@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -181,7 +179,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    skip_absent_tpu()
     # orbax logs every failed background write as several absl ERROR tracebacks; the
     # command reports the failure itself, in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -197,23 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before training started or after it ended: nothing to save
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def skip_absent_tpu() -> None:
-    """With libtpu installed (``jaxformer compile`` needs it) on a machine without a TPU, JAX
-    would try to start the TPU runtime before every run and print its failure; unless
-    $JAX_PLATFORMS says otherwise, use the platforms this machine has (before JAX starts)."""
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
-        return
-    import jax
-    from jax._src import hardware_utils  # reads the PCI bus; starts no backend
-
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-        cuda = any(importlib.util.find_spec(name) is not None for name in
-                   ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-        platforms = "cuda,cpu" if cuda else "cpu"
-        os.environ["JAX_PLATFORMS"] = platforms  # for the processes this one starts
-        jax.config.update("jax_platforms", platforms)
 
 
 def _load(args: argparse.Namespace):

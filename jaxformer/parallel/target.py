@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import jax
@@ -32,3 +34,20 @@ def compiling_for(platform: str) -> Iterator[None]:
         yield
     finally:
         _TARGET.reset(token)
+
+
+def use_present_platforms() -> None:
+    """With libtpu installed (``jaxformer compile`` needs it) on a machine without a TPU, JAX
+    would try to start the TPU runtime before the first program and print its failure (a
+    screenful of libtpu warnings). Unless $JAX_PLATFORMS says otherwise, use the platforms
+    this machine has. Called when ``jaxformer`` is imported, before JAX starts a backend."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    from jax._src import hardware_utils  # reads the PCI bus; starts no backend
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        cuda = any(importlib.util.find_spec(name) is not None for name in
+                   ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+        platforms = "cuda,cpu" if cuda else "cpu"
+        os.environ["JAX_PLATFORMS"] = platforms  # for the processes this one starts
+        jax.config.update("jax_platforms", platforms)

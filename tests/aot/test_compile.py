@@ -140,3 +140,16 @@ def test_commands_on_a_machine_without_tpu_print_no_tpu_runtime_noise(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
     assert (tmp_path / "lr.png").stat().st_size > 0
+
+
+def test_scripts_and_the_python_api_print_no_tpu_runtime_noise():
+    """The same for a program that imports jaxformer, as the scripts and API users do: the
+    platform choice happens when the package is imported, before JAX starts a backend."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = ("import jax, jax.numpy as jnp\nimport jaxformer.inference\n"
+            "print(jax.default_backend(), float(jnp.ones(3).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "3.0"], out.stdout
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
