@@ -8,6 +8,12 @@ topology, and the step's estimated MFU, before renting it:
     jaxformer compile experiments/scale/dense_32b.py --topology v5p:4x4x8
     jaxformer compile experiments/scale/dense_32b.py --topology v5e:16x16 --sweep
 
+On v5e-256 (16 GiB chips) the FSDP default does not fit (the logits over 152k words per
+sequence); FSDP x tensor=2 at a global batch of 256 does (12.4 GiB per chip):
+
+    jaxformer compile experiments/scale/dense_32b.py --topology v5e:16x16 \
+        --set mesh.preset=fsdp_tensor --set mesh.tensor=2 --set train.batch_size=256
+
 bfloat16 compute over float32 parameters and Adam moments, layers scanned, FSDP over every chip.
 Global batch 512 x 4096 tokens; set train.batch_size to a multiple of the batch shards.
 """
