@@ -76,6 +76,25 @@ def test_two_slices_with_data_parallelism_across_them(capsys):
     assert report["collective_bytes"]["all-reduce"] > 0 and report["fits"]
 
 
+@pytest.mark.parametrize("experiment,preset", [("llama_tiny", "sequence"),
+                                               ("moe_tiny", "expert")])
+def test_sequence_and_expert_meshes_compile(capsys, experiment, preset):
+    """The presets beyond FSDP, data and FSDP x tensor (those: the sweep test): activations
+    split along the sequence, and MoE experts split over the chips."""
+    experts = ["--set", "model.n_experts=4"] if experiment == "moe_tiny" else []
+    status = cli.main(["compile", str(ROOT / f"experiments/{experiment}.py"), "--topology",
+                       "v5e:2x2", *TINY, "--set", f"mesh.preset={preset}", *experts])
+    out, _ = capsys.readouterr()
+    assert status == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["fits"] and report["mesh"][preset] == 4 and report["mesh_preset"] == preset
+    if preset == "sequence":  # weights FSDP over the sequence axis, gathered where used
+        assert report["collective_bytes"]["all-gather"] > 0
+        assert report["params_bytes"] == pytest.approx(4 * report["params"] / 4, rel=0.02)
+    else:  # the experts (most of this model's weights) split four ways, the rest replicated
+        assert report["params_bytes"] < 0.6 * 4 * report["params"]
+
+
 def test_a_model_too_large_for_the_chip_is_reported(capsys):
     status, out, _ = run(capsys, "--topology", "v5e:2x2", "--set", "model.d_model=4096",
                          "--set", "model.n_heads=32", "--set", "model.n_kv_heads=8",
