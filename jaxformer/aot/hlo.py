@@ -18,7 +18,11 @@ in full.
   *compiled* (partitioned) HLO.
 * HBM traffic: for every instruction the program runs (not those inside a fusion, which live
   in registers and on-chip memory), its output bytes plus its operands' bytes; a model of
-  what XLA's "bytes accessed" counts, with loops counted in full.
+  what XLA's "bytes accessed" counts, with loops counted in full. Arrays whose layout puts
+  them in another memory space than HBM (``S(1)``: the TPU's on-chip VMEM, where XLA's memory
+  space assignment prefetches operands and keeps results; ``S(2)``: scalar memory) move no HBM
+  bytes: a prefetch (``copy-start``, async ``slice-start``) reads HBM once, and the fusions that
+  use the prefetched copy read it on chip.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
                 "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25, "token": 0}
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+# An array with its layout: "bf16[8,128]{1,0:T(8,128)(2,1)S(1)}" (S(n): memory space n; none: HBM)
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^{}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
 # A computation's first line: "%name (params) -> shape {", or bare "name {" in JAX's text of
 # the unoptimized program.
@@ -43,7 +50,7 @@ _CALLEE_LIST = re.compile(r"\b(called_computations|branch_computations)=\{([^}]*
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
                "conditional", "call", "after-all", "partition-id", "replica-id", "iota",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done",
-               "async-done", "send-done", "recv-done", "opt-barrier"}
+               "async-done", "send-done", "recv-done", "opt-barrier", "slice-done"}
 
 
 @dataclasses.dataclass
@@ -76,6 +83,18 @@ def shape_bytes(shape: str) -> float:
     for dtype, dims in _ARRAY.findall(shape.split("{")[0] if not shape.startswith("(")
                                       else shape):
         if dtype not in _DTYPE_BYTES:
+            continue
+        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hbm_shape_bytes(shape: str) -> float:
+    """Bytes of the arrays of an HLO shape that live in HBM: those whose layout names no other
+    memory space (``S(1)`` on-chip VMEM, ``S(2)`` scalar memory)."""
+    total = 0.0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        space = _MEMORY_SPACE.search(layout)
+        if dtype not in _DTYPE_BYTES or (space and space.group(1) != "0"):
             continue
         total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return total
@@ -325,7 +344,7 @@ def hbm_bytes(text: str) -> float:
     Slicing reads only the slice: an operand a fusion only slices (``dynamic-slice``,
     ``slice``, ``gather``: one layer's weights out of a scanned stack) counts the slices' bytes,
     and an in-place ``dynamic-update-slice`` (a layer's gradient into the stack) counts the
-    update's bytes, not the whole buffer's.
+    update's bytes, not the whole buffer's. Arrays in on-chip memory spaces count nothing.
     """
     comps = parse_module(text)
     by_name = {c.name: c for c in comps}
@@ -335,10 +354,17 @@ def hbm_bytes(text: str) -> float:
     for m, shapes, _, inst in _weighted(comps, mult, only=run):
         if inst.opcode in _NO_TRAFFIC:
             continue
-        operands = [shape_bytes(shapes.get(op, "")) for op in inst.operands]
-        out = inst.bytes
-        if inst.opcode == "dynamic-slice":
-            operands = [out]
+        operands = [hbm_shape_bytes(shapes.get(op, "")) for op in inst.operands]
+        out = hbm_shape_bytes(inst.shape)
+        if inst.opcode in ("copy-start", "slice-start"):
+            # (source or its tuple, destination, context): the destination's bytes come from
+            # the source; HBM is read when the source is in HBM, written when the destination is
+            parts = _split_top(inst.shape.strip()[1:-1])
+            dest = parts[1] if inst.opcode == "slice-start" else parts[0]
+            read = shape_bytes(dest) if any(operands) else 0.0
+            operands, out = [read], hbm_shape_bytes(dest)
+        elif inst.opcode == "dynamic-slice":
+            operands = [out if operands and operands[0] else 0.0]
         elif inst.opcode == "dynamic-update-slice" and len(operands) > 1:
             operands, out = [operands[1]], operands[1]
         elif inst.opcode == "fusion":
@@ -355,7 +381,8 @@ _SLICING = ("dynamic-slice", "slice", "gather")
 
 def _fusion_traffic(body: Computation, operands: list[float], out: float
                     ) -> tuple[list[float], float]:
-    """(bytes read per operand, bytes written) of a fusion whose body is ``body``."""
+    """(bytes read per operand, bytes written) of a fusion whose body is ``body``; operands
+    and out are the HBM bytes of the operands and output (0 for those on chip)."""
     params = {}
     for inst in body.instructions:
         if inst.opcode == "parameter":
@@ -372,12 +399,13 @@ def _fusion_traffic(body: Computation, operands: list[float], out: float
         used = users[name]
         if index >= len(reads) or not used:
             continue
-        if all(u.opcode in _SLICING and pos == 0 for u, pos in used):
+        if reads[index] and all(u.opcode in _SLICING and pos == 0 for u, pos in used):
             reads[index] = sum(u.bytes for u, _ in used)
         elif all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in used):
             reads[index] = 0.0  # the buffer updated in place
     root = body.instructions[-1] if body.instructions else None
-    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+    if (out and root is not None and root.opcode == "dynamic-update-slice"
+            and len(root.operands) > 1):
         out = shape_bytes(body.shapes().get(root.operands[1], root.shape))
     return reads, out
 

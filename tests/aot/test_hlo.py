@@ -107,3 +107,41 @@ def test_hbm_traffic_counts_run_instructions_not_fusion_bodies():
 def test_shape_bytes():
     assert hlo.shape_bytes("bf16[4,48,192]{2,1,0:T(8,128)(2,1)}") == 4 * 48 * 192 * 2
     assert hlo.shape_bytes("(f32[2], s8[3], pred[])") == 8 + 3 + 1
+
+
+def test_hbm_shape_bytes_leaves_out_on_chip_memory_spaces():
+    assert hlo.hbm_shape_bytes("bf16[4,48]{1,0:T(8,128)(2,1)}") == 4 * 48 * 2
+    assert hlo.hbm_shape_bytes("bf16[4,48]{1,0:T(8,128)(2,1)S(1)}") == 0  # VMEM
+    assert hlo.hbm_shape_bytes("(f32[8]{0}, f32[8]{0:S(1)}, u32[]{:S(2)})") == 32
+
+
+# XLA's memory space assignment on a TPU: a prefetch of a weight into VMEM (copy-start into
+# S(1)), an async slice of one layer out of a stacked HBM buffer into VMEM, and a fusion that
+# reads both on chip and writes its result to HBM.
+PREFETCH = """
+HloModule m, entry_computation_layout={()->f32[8,128]{1,0}}
+
+%fused (p0: f32[8,128], p1: f32[8,128]) -> f32[8,128] {
+  %p0 = f32[8,128]{1,0:S(1)} parameter(0)
+  %p1 = f32[8,128]{1,0:S(1)} parameter(1)
+  ROOT %add = f32[8,128]{1,0} add(f32[8,128]{1,0:S(1)} %p0, f32[8,128]{1,0:S(1)} %p1)
+}
+
+ENTRY %main (w: f32[8,128], stack: f32[4,8,128], i: s32[]) -> f32[8,128] {
+  %w = f32[8,128]{1,0} parameter(0)
+  %stack = f32[4,8,128]{2,1,0} parameter(1)
+  %i = s32[]{:S(2)} parameter(2)
+  %cs = (f32[8,128]{1,0:S(1)}, f32[8,128]{1,0}, u32[]{:S(2)}) copy-start(f32[8,128]{1,0} %w)
+  %cd = f32[8,128]{1,0:S(1)} copy-done((f32[8,128]{1,0:S(1)}, f32[8,128]{1,0}, u32[]{:S(2)}) %cs)
+  %ss = ((f32[4,8,128]{2,1,0}), f32[8,128]{1,0:S(1)}, s32[]{:S(2)}) slice-start(f32[4,8,128]{2,1,0} %stack, s32[]{:S(2)} %i)
+  %sd = f32[8,128]{1,0:S(1)} slice-done(((f32[4,8,128]{2,1,0}), f32[8,128]{1,0:S(1)}, s32[]{:S(2)}) %ss)
+  ROOT %f = f32[8,128]{1,0} fusion(f32[8,128]{1,0:S(1)} %cd, f32[8,128]{1,0:S(1)} %sd), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_prefetched_and_sliced_operands_are_read_from_hbm_once():
+    tile = 8 * 128 * 4
+    # the prefetch reads w; the async slice reads one of the 4 layers; the fusion writes its
+    # output (its two operands are in VMEM)
+    assert hlo.hbm_bytes(PREFETCH) == tile + tile + tile
