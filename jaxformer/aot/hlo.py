@@ -78,23 +78,21 @@ class Computation:
 
 
 def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape (a tuple: the sum of its arrays). Layout suffixes are ignored."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(shape.split("{")[0] if not shape.startswith("(")
-                                      else shape):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
+    """Bytes of an HLO shape (a tuple: the sum of its arrays), wherever they live."""
+    return _arrays_bytes(shape, hbm_only=False)
 
 
 def hbm_shape_bytes(shape: str) -> float:
     """Bytes of the arrays of an HLO shape that live in HBM: those whose layout names no other
     memory space (``S(1)`` on-chip VMEM, ``S(2)`` scalar memory)."""
+    return _arrays_bytes(shape, hbm_only=True)
+
+
+def _arrays_bytes(shape: str, hbm_only: bool) -> float:
     total = 0.0
     for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
         space = _MEMORY_SPACE.search(layout)
-        if dtype not in _DTYPE_BYTES or (space and space.group(1) != "0"):
+        if dtype not in _DTYPE_BYTES or (hbm_only and space and space.group(1) != "0"):
             continue
         total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return total
