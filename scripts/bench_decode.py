@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("--target", type=Path, help="with --draft: a trained target run dir")
     p.add_argument("--draft", type=Path, help="a smaller run dir with the same tokenizer")
     p.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--pause", type=float, default=1.0,
+                   help="seconds idle before each timed call, so that the other side's worker "
+                        "threads, which spin for a while after their work, have gone to sleep")
     args = p.parse_args()
     if args.draft is not None:
         bench_speculative(args)
@@ -103,6 +106,7 @@ def main() -> None:
         times = {"jax": [], "hf": []}
         for _ in range(args.reps):
             for name, fn in (("jax", run_jax), ("hf", run_hf)):
+                time.sleep(args.pause)
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
