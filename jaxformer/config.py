@@ -62,7 +62,10 @@ class ModelConfig:
     attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
     dropout: float = 0.0  # on embeddings and every residual branch, in training only
     attention_dropout: float = 0.0  # on attention weights (runs the reference kernel)
-    attention_type: str = "mha"  # mha (covers GQA/MQA via n_kv_heads) | mla (DeepSeek-V2)
+    # mha (covers GQA/MQA via n_kv_heads) | mla (DeepSeek-V2) | longformer | bigbird | performer
+    # | rfa | linear | lsh | aft_full | aft_local | aft_simple (the efficient families:
+    # jaxformer.nn.attention_families, docs/efficient_attention.md)
+    attention_type: str = "mha"
     kv_lora_rank: int = 0  # mla: width of the compressed joint key-value latent
     q_lora_rank: int = 0  # mla: width of the compressed query (0: queries uncompressed)
     qk_rope_head_dim: int = 0  # mla: per-head channels of the decoupled RoPE query/key
@@ -70,6 +73,14 @@ class ModelConfig:
     v_head_dim: int = 0  # mla: per-head value width
     # auto (per backend; blocked on CPU) | reference | blocked | xla | cudnn | flash | splash
     attention: str = "auto"
+    # Options of the efficient attention families (docs/efficient_attention.md):
+    attention_block: int = 64  # longformer/bigbird block; lsh chunk; linear/performer/rfa chunk
+    sparse_window: int = 1  # longformer/bigbird: neighbouring blocks seen on each side
+    sparse_global: int = 1  # longformer/bigbird: leading blocks that are global
+    sparse_random: int = 2  # bigbird: random key blocks per query block
+    random_features: int = 64  # performer/rfa: random features per head
+    lsh_hashes: int = 2  # lsh: hash rounds
+    lsh_buckets: int = 8  # lsh: buckets per round (even)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # float32 | bfloat16; norms, softmax and loss stay float32
     init_std: float = 0.02
@@ -425,7 +436,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_encoding": ("learned", "sinusoidal", "rope", "alibi", "t5_relative", "shaw",
                            "none"),
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
-    "model.attention_type": ("mha", "mla"),
+    "model.attention_type": ("mha", "mla", "longformer", "bigbird", "performer", "rfa",
+                             "linear", "lsh", "aft_full", "aft_local", "aft_simple"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
@@ -518,6 +530,7 @@ def validate(cfg: Config) -> Config:
                           f"and {cfg.objective.kind!r}); set model.mtp_heads=0")
     validate_mesh(cfg.mesh)
     validate_loss_options(cfg)
+    validate_attention_family(cfg)
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}")
     if t.batch_size % t.grad_accum:
@@ -593,6 +606,13 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.router_z_loss": (0, None, True, False),
     "model.experts_top_k": (1, None, True, False),
     "model.mtp_heads": (0, None, True, False),
+    "model.attention_block": (1, None, True, False),
+    "model.sparse_window": (0, None, True, False),
+    "model.sparse_global": (0, None, True, False),
+    "model.sparse_random": (0, None, True, False),
+    "model.random_features": (1, None, True, False),
+    "model.lsh_hashes": (1, None, True, False),
+    "model.lsh_buckets": (2, None, True, False),
     "objective.mtp_weight": (0, None, True, False),
     "objective.targets_len": (0, None, True, False),
 }
@@ -626,6 +646,47 @@ def _check_ranges(cfg: Config) -> None:
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"bad value for name: {name!r} must be a non-empty file name (it names "
                           "the default run dir runs/<name>) without / or \\")
+
+
+_BLOCKED_FAMILIES = ("longformer", "bigbird", "lsh")  # the length must be whole blocks
+
+
+def validate_attention_family(cfg: Config) -> None:
+    """An efficient attention family (jaxformer.nn.attention_families) with what it cannot
+    run: an attention mask or additive bias, a sliding window, attention dropout, a length
+    that is not whole blocks, more global blocks than the sequence has."""
+    m = cfg.model
+    name = m.attention_type
+    if name in ("mha", "mla"):
+        return
+    where = f"model.attention_type={name!r}"
+    if m.arch == "encoder_decoder":
+        raise ConfigError(f"{where} runs in decoder-only and encoder models (model.arch="
+                          "'decoder' or 'encoder'), not encoder-decoder")
+    if m.pos_encoding in ("alibi", "t5_relative", "shaw"):
+        raise ConfigError(f"{where} takes no additive attention bias: model.pos_encoding="
+                          f"{m.pos_encoding!r} needs one; use learned, sinusoidal, rope or none")
+    if cfg.objective.kind == "prefix_lm":
+        raise ConfigError(f"{where} cannot apply a prefix-LM mask (objective.kind='prefix_lm'); "
+                          "use attention_type='mha'")
+    if m.attention_dropout > 0:
+        raise ConfigError(f"{where} has no attention weights to drop: set "
+                          "model.attention_dropout=0")
+    if name == "aft_local" and m.sliding_window <= 0:
+        raise ConfigError(f"{where} needs model.sliding_window > 0 (its local window)")
+    if name != "aft_local" and m.sliding_window > 0:
+        raise ConfigError(f"{where} has its own sparsity: set model.sliding_window=0")
+    seq, block = cfg.data.seq_len, m.attention_block
+    if name in _BLOCKED_FAMILIES and seq % block:
+        raise ConfigError(f"{where}: model.attention_block={block} must divide "
+                          f"data.seq_len={seq}")
+    if name in ("longformer", "bigbird") and m.sparse_global * block > seq:
+        raise ConfigError(f"{where}: model.sparse_global={m.sparse_global} blocks of {block} "
+                          f"are more global tokens than data.seq_len={seq} positions")
+    if name == "lsh" and (m.lsh_buckets % 2 or m.kv_heads != m.n_heads):
+        raise ConfigError(f"{where} needs an even model.lsh_buckets (got {m.lsh_buckets}) and "
+                          f"one key head per query head (model.n_kv_heads=0, got "
+                          f"{m.n_kv_heads})")
 
 
 def validate_mesh(mesh: MeshConfig) -> None:

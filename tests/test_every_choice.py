@@ -59,9 +59,6 @@ COMBINABLE: dict[str, str | dict[object, tuple[str, ...]]] = {
     "model.norm_position": GENERIC,
     "model.activation": GENERIC,
     "model.attention": GENERIC,  # only the kernels this backend runs; the rest: UserError
-    "model.attention_type": {"mha": (), "mla": (
-        "model.kv_lora_rank=8", "model.qk_rope_head_dim=4", "model.qk_nope_head_dim=8",
-        "model.v_head_dim=8")},
     "model.param_dtype": GENERIC,
     "model.compute_dtype": GENERIC,
     "model.remat": GENERIC,
@@ -86,8 +83,36 @@ OBJECTIVES: dict[object, Recipe] = {
     "classification": ("bert_classify", (*TEXT, "model.num_labels=2", "train.init_from=",
                                          "model.dropout=0")),
 }
+BERT: Recipe = OBJECTIVES["masked_lm"]
+
+
+def family(recipe: Recipe, name: str, *extra: str) -> Recipe:
+    """An efficient attention family on a tiny model: 8-token blocks (rows are 32 long)."""
+    return recipe[0], (*recipe[1], f"model.attention_type={name}", "model.attention_block=8",
+                       *extra)
+
+
+# Attention families refuse some combinable choices (ALiBi and relative biases), so each
+# trains on its own: causal in the GPT, bidirectional in the BERT, one or the other each
+# (tests/nn/test_attention_families.py trains every family both ways).
+ATTENTION_TYPES: dict[object, Recipe] = {
+    "mha": GPT,
+    "mla": (GPT[0], (*GPT[1], "model.attention_type=mla", "model.kv_lora_rank=8",
+                     "model.qk_rope_head_dim=4", "model.qk_nope_head_dim=8",
+                     "model.v_head_dim=8")),
+    "longformer": family(BERT, "longformer"),
+    "bigbird": family(GPT, "bigbird", "model.sparse_random=1"),
+    "performer": family(BERT, "performer", "model.random_features=16"),
+    "rfa": family(GPT, "rfa", "model.random_features=16"),
+    "linear": family(GPT, "linear"),
+    "lsh": family(BERT, "lsh", "model.lsh_buckets=4"),
+    "aft_full": family(GPT, "aft_full"),
+    "aft_local": family(BERT, "aft_local", "model.sliding_window=4"),
+    "aft_simple": family(GPT, "aft_simple"),
+}
 SEPARATE: dict[str, dict[object, Recipe]] = {
     "objective.kind": OBJECTIVES,
+    "model.attention_type": ATTENTION_TYPES,
     "model.arch": {"decoder": OBJECTIVES["causal"], "encoder": OBJECTIVES["masked_lm"],
                    "encoder_decoder": OBJECTIVES["span_corruption"]},
 }

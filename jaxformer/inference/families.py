@@ -198,6 +198,10 @@ def family_for(cfg: Config, graphdef: nnx.GraphDef, *, decoder_start_id: int | N
     """The family a run's model decodes as: its architecture, and for decoders whether it was
     trained as a prefix-LM."""
     arch = cfg.model.arch
+    if cfg.model.attention_type not in ("mha", "mla"):
+        raise UserError(f"model.attention_type={cfg.model.attention_type!r} trains and "
+                        "evaluates but does not decode with a KV cache: generation needs "
+                        "attention_type 'mha' or 'mla'")
     if arch == "decoder":
         return DecoderFamily(cfg.model, graphdef, prefix_lm=cfg.objective.kind == "prefix_lm",
                              unpack=unpack)

@@ -15,7 +15,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.nn.aft import AFT
 from jaxformer.nn.attention import Attention, LayerCache, Rope
+from jaxformer.nn.attention_families import (
+    AFT_FAMILIES,
+    KERNEL_FAMILIES,
+    FamilyKernel,
+    LSHAttention,
+    aft_variant,
+)
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.feedforward import FeedForward
@@ -169,7 +177,9 @@ def residual_out_std(cfg: ModelConfig) -> float:
 
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs,
-                   cross: bool = False) -> Attention | MultiHeadLatentAttention:
+                   cross: bool = False) -> Attention | MultiHeadLatentAttention | AFT:
+    """The attention module ``cfg.attention_type`` names: multi-head (with the kernel
+    ``cfg.attention``, or an efficient family's kernel), MLA, LSH or AFT."""
     dtype, pdtype = dtypes(cfg)
     if cfg.attention_type == "mla":  # self-attention only (validate: decoder arch)
         return MultiHeadLatentAttention(
@@ -180,13 +190,26 @@ def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs,
             out_std=residual_out_std(cfg), implementation=cfg.attention,
             scale=cfg.attention_scale or None, dropout=cfg.attention_dropout, dtype=dtype,
             param_dtype=pdtype, rngs=rngs)
+    family = "mha" if cross else cfg.attention_type  # cross-attention stays dense
+    if family in AFT_FAMILIES:
+        return AFT(cfg.d_model, variant=aft_variant(family), max_len=cfg.max_len,
+                   window=cfg.sliding_window, use_bias=cfg.use_bias, init_std=cfg.init_std,
+                   out_std=residual_out_std(cfg), dtype=dtype, param_dtype=pdtype, rngs=rngs)
     use_rope = cfg.pos_encoding == "rope" and not cross
-    return Attention(cfg.d_model, cfg.n_heads, n_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
-                     use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=residual_out_std(cfg),
-                     implementation=cfg.attention,
-                     rope=Rope(cfg.rope_theta, cfg.rope_fraction) if use_rope else None,
-                     scale=cfg.attention_scale or None, dropout=cfg.attention_dropout,
-                     dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    kwargs = dict(n_kv_heads=cfg.kv_heads, head_dim=cfg.head_size, use_bias=cfg.use_bias,
+                  init_std=cfg.init_std, out_std=residual_out_std(cfg),
+                  rope=Rope(cfg.rope_theta, cfg.rope_fraction) if use_rope else None,
+                  scale=cfg.attention_scale or None, dropout=cfg.attention_dropout,
+                  dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    if family == "lsh":
+        return LSHAttention(cfg.d_model, cfg.n_heads, n_hashes=cfg.lsh_hashes,
+                            n_buckets=cfg.lsh_buckets, chunk=cfg.attention_block, **kwargs)
+    if family in KERNEL_FAMILIES:
+        kernel = FamilyKernel(family, block=cfg.attention_block, sparse_window=cfg.sparse_window,
+                              n_global=cfg.sparse_global, n_random=cfg.sparse_random,
+                              features=cfg.random_features, head_dim=cfg.head_size)
+        return Attention(cfg.d_model, cfg.n_heads, implementation=kernel, **kwargs)
+    return Attention(cfg.d_model, cfg.n_heads, implementation=cfg.attention, **kwargs)
 
 
 class TransformerBlock(nnx.Module):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.nn.attention_kernels import (
+    AttentionFn,
     apply_attention_weights,
     attention_weights,
     cached_attention,
@@ -151,7 +152,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  head_dim: int | None = None, use_bias: bool = True, init_std: float = 0.02,
-                 out_std: float | None = None, implementation: str = "reference",
+                 out_std: float | None = None, implementation: str | AttentionFn = "reference",
                  rope: Rope | None = None, scale: float | None = None, dropout: float = 0.0,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
                  rngs: nnx.Rngs):
@@ -238,6 +239,9 @@ class Attention(nnx.Module):
             q = apply_rope(q, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
             k = apply_rope(k, k_positions, theta=self.rope.theta, fraction=self.rope.fraction)
         heads_first = None  # the [B, K, S, H] keys and values of a cache or a context_kv
+        if cache is not None and not isinstance(self.implementation, str):
+            raise ValueError("an efficient attention family's kernel does not decode with a "
+                             "KV cache")
         if cache is not None:
             k, v = (write_cache(cache[name], x.transpose(0, 2, 1, 3), cache_index, axis=2)
                     for name, x in (("k", k), ("v", v)))
@@ -260,7 +264,9 @@ class Attention(nnx.Module):
             out = reference_attention(q, k, v, dropout_rate=self.dropout,
                                       dropout_rng=dropout_rng, **kwargs)
         else:
-            out = get_attention_fn(self.implementation)(q, k, v, **kwargs)  # [B, T, N, H]
+            kernel = (get_attention_fn(self.implementation)
+                      if isinstance(self.implementation, str) else self.implementation)
+            out = kernel(q, k, v, **kwargs)  # [B, T, N, H]
         n, h = out.shape[2], out.shape[3]
         y = out.reshape(b * t, n * h) @ self.w_out[...].astype(dt).reshape(n * h, d)
         if self.b_out is not None:
