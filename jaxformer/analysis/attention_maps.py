@@ -243,6 +243,9 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
     if not tok_path.is_file() and not synthetic:
         raise UserError(f"{run_dir} has no {rundir.TOKENIZER_FILE}; attention maps label "
                         "tokens with the run's tokenizer")
+    if saved.model.attention_type not in ("mha", "mla"):
+        raise UserError(f"{run_dir} uses model.attention_type={saved.model.attention_type!r}, "
+                        "which forms no softmax attention map to draw")
     if target is not None and saved.model.arch != "encoder_decoder":
         raise UserError(f"--target is for encoder-decoder models; {run_dir} holds "
                         f"model.arch={saved.model.arch!r}")

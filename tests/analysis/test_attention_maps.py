@@ -4,6 +4,9 @@ size per layer (and per stack for an encoder-decoder) plus the raw npz."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,3 +304,15 @@ def test_synthetic_task_runs_are_labelled_with_their_symbols(tmp_path, capsys):
     assert cli.main(["attention", str(tmp_path / "run"), "--text", "3 x", "--out",
                      str(out)]) == 2
     assert "symbol numbers" in capsys.readouterr().err
+
+
+def test_efficient_attention_family_run_is_refused(run_dirs, tmp_path, capsys):
+    # Its layers form no softmax map: drawing the dense one would show what it never computed.
+    run = tmp_path / "linear_run"
+    shutil.copytree(run_dirs["gpt2"], run)
+    cfg = rundir.read_config(run)
+    rundir.write_config(run, dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention_type="linear")))
+    rc, _, stderr = run_cli(capsys, run, "--text", "hi", "--out", tmp_path / "out")
+    assert rc == 2 and "attention_type='linear'" in stderr and "no softmax attention map" in stderr
+    assert not (tmp_path / "out").exists()
