@@ -157,3 +157,25 @@ def test_sample_prompt_cache_and_flag_errors(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
     assert snapshot(run) == before
+
+
+def test_efficient_families_train_and_linear_attention_samples(tmp_path, trained_run):
+    """A family that cannot decode still trains (its end-of-run samples skipped, with a
+    note); a linear-attention run decodes with its running state, from the command line."""
+    corpus, _, _ = trained_run
+    common = [*TINY, "--set", f"data.source={corpus}", "--set", "model.attention_block=8",
+              "--no-progress"]
+    out = jaxformer("train", EXPERIMENT, *common, "--set", "model.attention_type=performer",
+                    "--run-dir", str(tmp_path / "performer"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "samples skipped: model.attention_type='performer'" in out.stdout
+    linear = tmp_path / "linear"
+    out = jaxformer("train", EXPERIMENT, *common, "--set", "model.attention_type=linear",
+                    "--run-dir", str(linear))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (linear / "samples.txt").is_file()
+    out = jaxformer("sample", str(linear), "--prompt", "def ", "--max-new-tokens", "6",
+                    "--temperature", "0")
+    assert out.returncode == 0 and out.stdout.startswith("def "), out.stderr[-2000:]
+    assert_user_error(jaxformer("sample", str(linear), "--prompt", "def ", "--draft",
+                                str(linear)), "speculative decoding needs a per-slot KV cache")

@@ -9,6 +9,7 @@ Objectives name the strategies they are decoded with (``Objective.sampling``,
 
 from collections.abc import Callable
 
+from jaxformer.inference.families import decodes
 from jaxformer.inference.samples import continuation_samples
 from jaxformer.inference.seq2seq import exact_match
 
@@ -18,4 +19,4 @@ SAMPLERS: dict[str, Callable[..., list[tuple[str, str]]]] = {
 # Evaluation metrics computed by decoding held-out data: -> a float (higher is better).
 DECODE_METRICS: dict[str, Callable[..., float]] = {"exact_match": exact_match}
 
-__all__ = ["DECODE_METRICS", "SAMPLERS"]
+__all__ = ["DECODE_METRICS", "SAMPLERS", "decodes"]

@@ -66,6 +66,7 @@ class Engine:
                  prefix_caching: bool = True):
         if family.kind != "decoder" or family.prefix_lm:
             raise UserError("continuous batching serves causal decoder-only models")
+        family.require_slot_cache("the paged KV cache (serve, continuous batching)")
         if max_batch < 1 or block_size < 1:
             raise UserError("max_batch and block_size must be at least 1")
         self.family, self.params = family, params

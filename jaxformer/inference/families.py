@@ -31,6 +31,8 @@ from jaxformer.models.build import abstract_model
 from jaxformer.nn.attention import cache_length
 
 State = dict[str, Any]
+# The attention types generation can decode: a per-slot KV cache, or linear attention's state.
+DECODING_ATTENTION = ("mha", "mla", "linear")
 Unpack = Callable[[Any], Any]  # stored parameters -> the parameters the model takes
 
 
@@ -71,6 +73,13 @@ class DecoderFamily:
 
     def _model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, self.unpack(params))
+
+    def require_slot_cache(self, what: str) -> None:
+        """UserError for ``what`` (a technique that rewinds, pages or stores per-slot keys and
+        values) when this model decodes with linear attention's running state instead."""
+        if self.cfg.attention_type == "linear":
+            raise UserError(f"{what} needs a per-slot KV cache; model.attention_type='linear' "
+                            "decodes with a running state (plain, sampled or beam decoding)")
 
     def cache_len(self, prompt_width: int, max_new_tokens: int) -> int:
         """Cache slots a generation needs (checked against the model's context)."""
@@ -183,6 +192,11 @@ class Seq2SeqFamily:
 Family = DecoderFamily | Seq2SeqFamily
 
 
+def decodes(model: ModelConfig) -> bool:
+    """Whether generation can decode this model (its attention keeps a KV cache or a state)."""
+    return model.attention_type in DECODING_ATTENTION
+
+
 def model_family(model: ModelConfig, *, prefix_lm: bool = False,
                  decoder_start_id: int | None = None, unpack: Unpack | None = None) -> Family:
     """The family of a bare model config (a model from ``jaxformer.hf.from_pretrained``, or
@@ -198,10 +212,10 @@ def family_for(cfg: Config, graphdef: nnx.GraphDef, *, decoder_start_id: int | N
     """The family a run's model decodes as: its architecture, and for decoders whether it was
     trained as a prefix-LM."""
     arch = cfg.model.arch
-    if cfg.model.attention_type not in ("mha", "mla"):
+    if not decodes(cfg.model):
         raise UserError(f"model.attention_type={cfg.model.attention_type!r} trains and "
-                        "evaluates but does not decode with a KV cache: generation needs "
-                        "attention_type 'mha' or 'mla'")
+                        "evaluates but does not decode: generation needs attention_type "
+                        "'mha', 'mla' or 'linear' (a running state instead of a KV cache)")
     if arch == "decoder":
         return DecoderFamily(cfg.model, graphdef, prefix_lm=cfg.objective.kind == "prefix_lm",
                              unpack=unpack)

@@ -149,6 +149,7 @@ def check_mtp(family: Any, prompt_len: int, max_new_tokens: int) -> None:
         raise UserError("self-speculative (MTP) decoding needs a causal decoder-only model, got "
                         f"{getattr(family, 'kind', type(family).__name__)!r}"
                         f"{' (prefix-LM)' if getattr(family, 'prefix_lm', False) else ''}")
+    family.require_slot_cache("self-speculative (MTP) decoding")
     n = family.cfg.mtp_heads
     if n < 1:
         raise UserError("self-speculative decoding needs a model trained with MTP modules "

@@ -57,6 +57,7 @@ def _check_family(family: Any) -> None:
     if not isinstance(family, DecoderFamily) or family.prefix_lm:
         raise UserError("prompt caches hold a causal decoder's keys and values: a prefix-LM "
                         "reads its whole prompt both ways and an encoder-decoder its source")
+    family.require_slot_cache("a prompt cache")
 
 
 def compute(family: DecoderFamily, params: Any, tokens: list[int]) -> PromptCache:

@@ -200,6 +200,8 @@ def check_speculative(target: Any, draft: Any, prompt_len: int, max_new_tokens: 
         if not isinstance(fam, DecoderFamily):
             raise UserError(f"speculative decoding needs decoder-only models; the {name} is "
                             f"{getattr(fam, 'kind', type(fam).__name__)!r}")
+    for fam in (target, draft):  # rejected draft tokens stay in the cache, masked
+        fam.require_slot_cache("speculative decoding")
     if draft.vocab_size != target.vocab_size:
         raise UserError(f"the draft's vocabulary ({draft.vocab_size}) differs from the "
                         f"target's ({target.vocab_size}): they must share one tokenizer")

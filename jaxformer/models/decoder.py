@@ -24,7 +24,13 @@ from jaxformer.models.common import (
     token_table,
 )
 from jaxformer.models.layer_stack import REMAT_POLICIES, apply_blocks, make_blocks
-from jaxformer.nn.attention import LayerCache, cache_length, decode_mask, decode_positions
+from jaxformer.nn.attention import (
+    LayerCache,
+    LinearCache,
+    cache_length,
+    decode_mask,
+    decode_positions,
+)
 from jaxformer.nn.masks import causal_mask, segment_mask
 from jaxformer.nn.mla import MLACache
 from jaxformer.nn.norms import RMSNorm
@@ -165,6 +171,12 @@ class DecoderLM(nnx.Module):
         cfg = self.cfg
         shape = (batch, cfg.kv_heads, length, cfg.head_size)  # heads first (LayerCache)
         dtype, _ = dtypes(cfg)
+        if cfg.attention_type == "linear":  # running sums, a fixed size whatever the length
+            h = cfg.head_size
+            return [LinearCache(slots=jnp.zeros((batch, length), bool),
+                                s=jnp.zeros((batch, cfg.kv_heads, h, h), jnp.float32),
+                                z=jnp.zeros((batch, cfg.kv_heads, h), jnp.float32))
+                    for _ in range(n)]
         if cfg.attention_type == "mla":  # the latent and the rope key only, nothing per head
             return [MLACache(latent=jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
                              k_rope=jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype))

@@ -33,6 +33,7 @@ from jaxformer.nn.attention_kernels import (
     reference_attention,
 )
 from jaxformer.nn.dropout import dropout
+from jaxformer.nn.linear_attention import LinearState, linear_attention_step
 from jaxformer.nn.params import constant_param, normal_param
 from jaxformer.nn.positional import apply_rope
 
@@ -45,6 +46,17 @@ class LayerCache(TypedDict):
 
     k: jnp.ndarray  # [B, K, S, H]
     v: jnp.ndarray  # [B, K, S, H]
+
+
+class LinearCache(TypedDict):
+    """Decode state of a linear-attention layer (``model.attention_type='linear'``): the
+    running sums instead of every key and value, a fixed size whatever the length.
+    ``slots`` is only there for its length: the decode mask spans the slots a generation may
+    fill (B x S bools against the B x K x S x H floats a LayerCache would hold)."""
+
+    slots: jnp.ndarray  # [B, S] bool, never written
+    s: jnp.ndarray  # [B, K, H, H] float32: sum of phi(k) v^T
+    z: jnp.ndarray  # [B, K, H] float32: sum of phi(k)
 
 
 # The axis that holds the slots in each kind of cache array: LayerCache's k/v are heads first;
@@ -238,6 +250,9 @@ class Attention(nnx.Module):
             k_positions = q_positions if k_positions is None else k_positions
             q = apply_rope(q, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
             k = apply_rope(k, k_positions, theta=self.rope.theta, fraction=self.rope.fraction)
+        if cache is not None and "s" in cache:  # linear attention: fold into the state
+            out, cache = _linear_decode(q, k, v, cache, cache_index, mask)
+            return self._out(out), cache
         heads_first = None  # the [B, K, S, H] keys and values of a cache or a context_kv
         if cache is not None and not isinstance(self.implementation, str):
             raise ValueError("an efficient attention family's kernel does not decode with a "
@@ -267,8 +282,29 @@ class Attention(nnx.Module):
             kernel = (get_attention_fn(self.implementation)
                       if isinstance(self.implementation, str) else self.implementation)
             out = kernel(q, k, v, **kwargs)  # [B, T, N, H]
-        n, h = out.shape[2], out.shape[3]
+        return self._out(out), cache
+
+    def _out(self, out: jnp.ndarray) -> jnp.ndarray:
+        """The heads' outputs [B, T, N, H] through w_out (and b_out) -> [B, T, D]."""
+        dt = self.dtype
+        b, t, n, h = out.shape
+        d = self.w_out.shape[-1]
         y = out.reshape(b * t, n * h) @ self.w_out[...].astype(dt).reshape(n * h, d)
         if self.b_out is not None:
             y = y + self.b_out[...].astype(dt)
-        return y.reshape(b, t, d), cache
+        return y.reshape(b, t, d)
+
+
+def _linear_decode(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, cache: LinearCache,
+                   cache_index: jnp.ndarray, mask: jnp.ndarray) -> tuple[jnp.ndarray,
+                                                                         LinearCache]:
+    """T new tokens at slots cache_index .. + T - 1 through a linear-attention state: a token
+    joins it when the decode mask lets it see its own slot (left padding does not)."""
+    b, t = q.shape[:2]
+    slots = jnp.asarray(cache_index) + jnp.arange(t)  # [T] (or [B, T] with per-row indices)
+    own = jnp.broadcast_to(slots, (b, t))[:, :, None]  # [B, T, 1]
+    valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, 0], (b, t, mask.shape[-1])), own,
+                                axis=2)[..., 0]
+    out, state = linear_attention_step(LinearState(cache["s"], cache["z"]), q, k, v,
+                                       valid=valid)
+    return out, LinearCache(slots=cache["slots"], s=state.s, z=state.z)

@@ -131,19 +131,13 @@ class LSHAttention(Attention):
         _no_mask("lsh", mask, bias, window)
         if cache is not None:
             raise ValueError("attention_type='lsh' does not decode with a KV cache")
-        dt = self.dtype
-        b, t, d = x.shape
         qk, v = self._project(x, ("q", "v"))
         if self.rope is not None:
             qk = apply_rope(qk, q_positions, theta=self.rope.theta, fraction=self.rope.fraction)
         out = lsh_attention(qk, v, n_hashes=self.n_hashes, n_buckets=self.n_buckets,
                             chunk=self.chunk, key=jax.random.key(self.seed),
                             is_causal=is_causal, scale=self.scale, segment_ids=segment_ids)
-        n, h = out.shape[2], out.shape[3]
-        y = out.reshape(b * t, n * h) @ self.w_out[...].astype(dt).reshape(n * h, d)
-        if self.b_out is not None:
-            y = y + self.b_out[...].astype(dt)
-        return y.reshape(b, t, d), None
+        return self._out(out), None
 
 
 def is_family(attention_type: str) -> bool:

@@ -206,12 +206,15 @@ def linear_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
 
 @functools.partial(jax.jit, static_argnames=("eps",))
 def linear_attention_step(state: LinearState, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                          *, eps: float = 1e-6) -> tuple[jnp.ndarray, LinearState]:
+                          *, eps: float = 1e-6, valid: jnp.ndarray | None = None
+                          ) -> tuple[jnp.ndarray, LinearState]:
     """Recurrent (decoding) form: T new tokens attend causally to the state and to each other.
 
     state s [B, K, H, Hv], z [B, K, H]; q [B, T, N, H], k [B, T, K, H], v [B, T, K, Hv]
     -> (out [B, T, N, Hv] in q's dtype, the state after the T tokens). T = 1 when decoding,
     T > 1 for a prompt (processed in chunks of up to 64 tokens); the state size does not grow.
+    valid: [B, T] bool, the tokens that join the state (None: all); the others (a batch's left
+    padding) add nothing to it, and their outputs are meaningless.
     """
     _check_shapes(q, k, v)
     b, t, _, h = q.shape
@@ -225,6 +228,9 @@ def linear_attention_step(state: LinearState, q: jnp.ndarray, k: jnp.ndarray, v:
     state = LinearState(s=state.s.astype(jnp.float32), z=state.z.astype(jnp.float32))
     phi_q = _group(feature_map(q), kv_heads)
     run = jnp.zeros((b, t), jnp.int32)
-    num, den, state = _causal_sums(phi_q, feature_map(k), v.astype(jnp.float32), run, state,
+    phi_k = feature_map(k)
+    if valid is not None:  # phi > 0 everywhere: zeroing it is what keeps a token out
+        phi_k = phi_k * valid[:, :, None, None].astype(phi_k.dtype)
+    num, den, state = _causal_sums(phi_q, phi_k, v.astype(jnp.float32), run, state,
                                    chunk=min(t, 64))
     return _finish(num, den, eps, q.dtype), state

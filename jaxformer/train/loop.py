@@ -243,6 +243,10 @@ def finish(run: Run) -> TrainResult:
     cfg, step = run.cfg, run.step
     samples: list[str] = []
     wanted = bool(cfg.sample.prompts) or cfg.sample.count > 0
+    if wanted and not inference.decodes(cfg.model):
+        run.echo(f"samples skipped: model.attention_type={cfg.model.attention_type!r} trains "
+                 "and evaluates but does not decode")
+        wanted = False
     if step == cfg.train.steps and run.objective.sampling and wanted:
         # Every process takes part in gathering the parameters; only the first decodes.
         _, view, view_params = looped(cfg.model, host_params(run.state.params))

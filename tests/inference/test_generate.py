@@ -31,6 +31,9 @@ def model(family: str):
         kw["n_kv_heads"] = 2
     if family in ("t5_v1_0", "transformer_2017"):
         kw["n_decoder_layers"] = 2
+    if family == "linear":  # GPT-2 with linear attention: decodes with a running state
+        return build_model(presets.gpt2(attention_type="linear", attention_block=8, **kw),
+                           nnx.Rngs(1))
     return build_model(presets.preset(family, **kw), nnx.Rngs(1))
 
 
@@ -83,7 +86,7 @@ def naive_seq2seq(family: str, source: list[int], n: int) -> list[int]:
     return target[0, 1:n + 1].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "prefix_lm"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "prefix_lm", "linear"])
 def test_batched_greedy_equals_each_prompt_decoded_alone(family):
     out = generator(family).generate(PROMPTS, 6)
     for prompt, gen in zip(PROMPTS, out, strict=True):
@@ -184,3 +187,21 @@ def test_a_cached_prompt_prefix_gives_the_logits_of_recomputing_it(tmp_path):
         prompt_cache.load(tmp_path / "system.npz", other.family, other.params)
     with pytest.raises(UserError, match="prefix-LM"):
         prompt_cache.compute(generator("prefix_lm").family, model("prefix_lm"), system)
+
+
+def test_linear_attention_state_has_no_slot_cache_to_rewind_page_or_store():
+    from jaxformer.inference import prompt_cache
+    from jaxformer.inference.engine import Engine
+    from jaxformer.inference.speculative import speculative_generate
+
+    gen = generator("linear")
+    fam, params = gen.family, gen.params
+    with pytest.raises(UserError, match="speculative decoding needs a per-slot KV cache"):
+        speculative_generate(fam, params, fam, params, PROMPTS[0], max_new_tokens=4)
+    with pytest.raises(UserError, match="prompt cache needs a per-slot KV cache"):
+        prompt_cache.compute(fam, params, PROMPTS[0])
+    with pytest.raises(UserError, match="paged KV cache"):
+        Engine(fam, params)
+    # The state is a fixed size: 4 heads x 8 x 8 sums per row and layer, whatever the length.
+    cache = gen.family._model(params).init_cache(2, 32)
+    assert cache[0]["s"].shape == (2, 4, 8, 8) and cache[0]["z"].shape == (2, 4, 8)

@@ -1,7 +1,7 @@
 """The efficient attention families as config choices: each trains through the real train
 step (packed documents, padding) and memorizes a batch; bad combinations are config errors;
-a family's kernel is an ordinary value (equal options compare equal) and is refused by
-decoding with a KV cache.
+a family's kernel is an ordinary value (equal options compare equal); a family without a
+decode state (all but linear) refuses generation.
 
 The families' mathematics is tested against the papers' definitions in tests/nn/
 (test_block_sparse, test_random_features, test_linear_attention, test_lsh_attention,
@@ -76,12 +76,12 @@ def test_family_kernels_compare_by_value():
         FamilyKernel("dense")
 
 
-def test_family_model_refuses_kv_cache_decoding():
+def test_a_family_without_a_decode_state_refuses_generation():
     from jaxformer.errors import UserError
     from jaxformer.inference.families import family_for
     from jaxformer.models.build import abstract_model
 
-    cfg = tiny_config("model.attention_type=linear")
+    cfg = tiny_config("model.attention_type=performer")
     graphdef, _ = abstract_model(cfg.model)
-    with pytest.raises(UserError, match="does not decode with a KV cache"):
+    with pytest.raises(UserError, match="'performer' trains and evaluates but does not decode"):
         family_for(cfg, graphdef)
