@@ -21,7 +21,7 @@ def test_experiment_runs_one_step(path, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=200)
     overrides = ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2", "eval.batches=1",
                  "data.val_fraction=0.1", "sample.count=0", "train.init_from="]
-    if not cfg.data.source.startswith("synthetic:"):  # generated data needs no corpus
+    if not cfg.data.source.startswith(("synthetic:", "lra:")):  # generated: no corpus
         overrides.append(f"data.source={corpus}")
     cfg = config_lib.apply_overrides(cfg, overrides)
     result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)

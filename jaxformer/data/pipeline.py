@@ -104,6 +104,9 @@ class DataPipeline:
             raise DataError(f"sequence length must be at least 1, got {seq_len}")
         if seed < 0:
             raise DataError(f"seed must be non-negative, got {seed}")
+        if source.startswith("lra:"):  # jaxformer.data.lra: generated, with its own vocabulary
+            raise DataError(f"data.source={source!r} is a classification task with its own "
+                            "vocabulary; set objective.kind=classification")
         has_tokenizer = tokenizer_path is not None and pathlib.Path(tokenizer_path).is_file()
         if not has_tokenizer and vocab_size < MIN_VOCAB_SIZE:
             raise DataError(

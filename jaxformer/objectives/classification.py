@@ -1,4 +1,9 @@
-"""Sequence classification (BERT fine-tuning): one label per row from a pooled encoder."""
+"""Sequence classification (BERT fine-tuning): one label per row from a pooled encoder.
+
+The data: which stdlib package a snippet comes from (``jaxformer.data.classification``, any
+text ``data.source`` trains the tokenizer), or a Long Range Arena-style task
+(``data.source=lra:<task>``, ``jaxformer.data.lra``) with its own fixed vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ from typing import Any
 import jax
 
 from jaxformer.config import Config
+from jaxformer.data import lra
 from jaxformer.data.classification import PackageSnippets
+from jaxformer.data.errors import DataError
+from jaxformer.data.manifest import synthetic_manifest
 from jaxformer.objectives.base import Log, Objective, Task
 from jaxformer.objectives.registry import register
 from jaxformer.objectives.tasks import share_rows, text_pipeline
@@ -22,8 +30,16 @@ class Classification(Objective):
     def check(self, cfg: Config) -> None:
         if cfg.model.num_labels < 2:
             raise ValueError("objective.kind='classification' needs model.num_labels >= 2")
+        if lra.is_lra(cfg.data.source):
+            try:
+                lra.check(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
+                          cfg.model.num_labels)
+            except DataError as e:
+                raise ValueError(str(e)) from None
 
     def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
+        if lra.is_lra(cfg.data.source):
+            return _lra_task(self.name, cfg, log)
         pipeline = text_pipeline(cfg, tokenizer_path, log)
         data = PackageSnippets.create(pipeline.tokenizer, cfg.model.num_labels,
                                       cfg.data.seq_len, seed=cfg.data.seed)
@@ -42,3 +58,18 @@ class Classification(Objective):
         logits = model.classify(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 dropout_rng=dropout_rng)
         return logits[:, None, :]
+
+
+def _lra_task(name: str, cfg: Config, log: Log) -> Task:
+    """A generated LRA-style task: no tokenizer, batches from ``jaxformer.data.lra``."""
+    data = lra.create(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
+                      cfg.model.num_labels)
+    log(f"data: {cfg.data.source}, {data.num_classes} classes, {data.vocab_size} token ids, "
+        "generated per step (no tokenizer)")
+    return Task(name=name,
+                train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
+                    step, b, seed, share_rows(b, share, n)),
+                val_batches=lambda b, n: data.val_batches(b, n),
+                baseline_name="majority class",
+                baseline=data.majority_baseline(cfg.train.batch_size, cfg.eval.batches),
+                data_manifest=synthetic_manifest(cfg.data.source))
