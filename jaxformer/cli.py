@@ -243,8 +243,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                    progress=not args.no_progress and sys.stderr.isatty())
     if result.evals and jax.process_index() == 0:
         last = max(result.evals)
+        accuracy = result.eval_metrics.get(last, {}).get("accuracy")
+        if result.baseline_name == "unigram":  # a loss in nats per token, like the baseline
+            against = f"unigram baseline {result.unigram_baseline:.4f}"
+        else:  # a classifier: its accuracy against the majority class's
+            against = (f"accuracy {accuracy:.3f}, " if accuracy is not None else "") + (
+                f"{result.baseline_name} baseline {result.unigram_baseline:.3f}")
         print(f"done: step {result.final_step}, validation loss {result.evals[last]:.4f} "
-              f"(unigram baseline {result.unigram_baseline:.4f}); run dir {result.run_dir}")
+              f"({against}); run dir {result.run_dir}")
     return 0
 
 

@@ -179,3 +179,12 @@ def test_efficient_families_train_and_linear_attention_samples(tmp_path, trained
     assert out.returncode == 0 and out.stdout.startswith("def "), out.stderr[-2000:]
     assert_user_error(jaxformer("sample", str(linear), "--prompt", "def ", "--draft",
                                 str(linear)), "speculative decoding needs a per-slot KV cache")
+
+
+def test_classifier_run_ends_with_its_accuracy_against_the_majority_class(tmp_path):
+    out = jaxformer("train", "experiments/lra_listops.py", "--set", "train.steps=2",
+                    "--set", "eval.every=2", "--set", "eval.batches=1", "--set", "data.seq_len=64",
+                    "--set", "model.max_len=64", "--no-progress", "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = next(line for line in out.stdout.splitlines() if line.startswith("done:"))
+    assert "accuracy " in done and "majority class baseline" in done and "unigram" not in done

@@ -49,6 +49,7 @@ class TrainResult:
     unigram_baseline: float  # the task's baseline (a majority-class accuracy for classifiers)
     samples: list[str]
     eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    baseline_name: str = "unigram"  # what unigram_baseline is: "unigram" or "majority class"
 
 
 @dataclasses.dataclass
@@ -263,7 +264,8 @@ def finish(run: Run) -> TrainResult:
     run.reporter.close()
     return TrainResult(run_dir=run.run_dir, start_step=run.start, final_step=step,
                        losses=run.losses, evals={s: m["loss"] for s, m in run.evals.items()},
-                       unigram_baseline=run.task.baseline, samples=samples,
+                       unigram_baseline=run.task.baseline,
+                       baseline_name=run.task.baseline_name, samples=samples,
                        eval_metrics=run.evals)
 
 
