@@ -70,5 +70,7 @@ def test_rates_are_rounded_and_mfu_is_a_percentage(result):
     # tokens per second is batch * seq_len / median step time (both rounded)
     assert math.isclose(result["tokens_per_sec"], 4 * 32 / result["step_time_s"], rel_tol=2e-3)
     expected = 100 * result["flops_per_token"] * result["tokens_per_sec"] / 2e11
-    assert math.isclose(result["mfu_percent"], expected, rel_tol=2e-3)
+    # mfu_percent has 3 significant digits: half a unit of the third is up to 0.5% of it (at a
+    # leading 1: 1.9039 -> 1.90), plus tokens_per_sec's own rounding to 4 digits.
+    assert math.isclose(result["mfu_percent"], expected, rel_tol=5.5e-3)
     assert result["step_time_min_s"] <= result["step_time_s"]
