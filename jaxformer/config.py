@@ -57,6 +57,10 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
     type_vocab_size: int = 0  # >0: token-type (segment A/B) embeddings (BERT)
     num_labels: int = 0  # >0: a pooled sequence-classification head with this many classes
+    # With num_labels: classify PAIRS of sequences, each encoded on its own by the same encoder
+    # (LRA's two-tower retrieval); the classifier reads [u, v, u*v, u-v] of the two pooled
+    # first tokens. Rows hold the two sequences one after the other.
+    two_tower: bool = False
     scale_tied_logits: bool = False  # tied un-embedding of d_model^-0.5 * x (T5 v1.0)
     sliding_window: int = 0  # >0: each token sees this many keys, itself included (Mistral)
     attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
@@ -79,6 +83,9 @@ class ModelConfig:
     sparse_global: int = 1  # longformer/bigbird: leading blocks that are global
     sparse_random: int = 2  # bigbird: random key blocks per query block
     random_features: int = 64  # performer/rfa: random features per head
+    # performer/rfa: redraw every layer's random features after every k-th optimizer step
+    # (a pure function of train.seed, the step and the layer; resumes exactly); 0: never
+    feature_redraw: int = 0
     lsh_hashes: int = 2  # lsh: hash rounds
     lsh_buckets: int = 8  # lsh: buckets per round (even)
     param_dtype: str = "float32"
@@ -91,6 +98,14 @@ class ModelConfig:
     # Rematerialization of each block in the backward pass: none | full | save_dots |
     # save_dots_no_batch (jaxformer.models.layer_stack.REMAT_POLICIES)
     remat: str = "none"
+    # Reformer's memory savers (docs/efficient_attention.md): reversible residual blocks,
+    # (X1, X2) = (x, x), Y1 = X1 + Attention(norm(X2)), Y2 = X2 + FeedForward(norm(Y1)), output
+    # (Y1 + Y2) / 2, whose backward pass recomputes each block's inputs from its outputs instead
+    # of storing activations (pre-LN only; no MoE, encoder-decoder or remat)
+    reversible: bool = False
+    # The dense feed-forward over this many slices of the length, one at a time (>= 1; any
+    # length: padded to whole slices), so its [B, T, d_ff] activations never exist whole
+    ff_chunks: int = 1
     # Mixture of experts (jaxformer.nn.moe): n_experts > 0 replaces the feed-forward of every
     # moe_every-th block (1: all) by n_experts experts of width moe_d_ff (0: d_ff).
     n_experts: int = 0
@@ -528,6 +543,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.mtp_heads={m.mtp_heads} (multi-token prediction) needs "
                           f"model.arch='decoder' and objective.kind='causal' (got {m.arch!r} "
                           f"and {cfg.objective.kind!r}); set model.mtp_heads=0")
+    if m.two_tower and (m.arch != "encoder" or m.num_labels < 2
+                        or cfg.objective.kind != "classification"):
+        raise ConfigError(f"model.two_tower=true (pair classification) needs "
+                          f"model.arch='encoder', model.num_labels >= 2 and "
+                          f"objective.kind='classification' (got {m.arch!r}, {m.num_labels}, "
+                          f"{cfg.objective.kind!r})")
+    validate_memory_savers(m)
     validate_mesh(cfg.mesh)
     validate_loss_options(cfg)
     validate_attention_family(cfg)
@@ -606,11 +628,13 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.router_z_loss": (0, None, True, False),
     "model.experts_top_k": (1, None, True, False),
     "model.mtp_heads": (0, None, True, False),
+    "model.ff_chunks": (1, None, True, False),
     "model.attention_block": (1, None, True, False),
     "model.sparse_window": (0, None, True, False),
     "model.sparse_global": (0, None, True, False),
     "model.sparse_random": (0, None, True, False),
     "model.random_features": (1, None, True, False),
+    "model.feature_redraw": (0, None, True, False),
     "model.lsh_hashes": (1, None, True, False),
     "model.lsh_buckets": (2, None, True, False),
     "objective.mtp_weight": (0, None, True, False),
@@ -657,6 +681,10 @@ def validate_attention_family(cfg: Config) -> None:
     that is not whole blocks, more global blocks than the sequence has."""
     m = cfg.model
     name = m.attention_type
+    if m.feature_redraw > 0 and name not in ("performer", "rfa"):
+        raise ConfigError(f"model.feature_redraw={m.feature_redraw} redraws random features: it "
+                          f"needs model.attention_type='performer' or 'rfa' (got {name!r}); set "
+                          "model.feature_redraw=0")
     if name in ("mha", "mla"):
         return
     where = f"model.attention_type={name!r}"
@@ -687,6 +715,28 @@ def validate_attention_family(cfg: Config) -> None:
         raise ConfigError(f"{where} needs an even model.lsh_buckets (got {m.lsh_buckets}) and "
                           f"one key head per query head (model.n_kv_heads=0, got "
                           f"{m.n_kv_heads})")
+
+
+def validate_memory_savers(m: ModelConfig) -> None:
+    """Reversible blocks and the chunked feed-forward with what they cannot take."""
+    if m.ff_chunks > 1 and m.n_experts > 0:
+        raise ConfigError(f"model.ff_chunks={m.ff_chunks} chunks the dense feed-forward; "
+                          "mixture-of-experts layers route whole groups of tokens: set "
+                          "model.ff_chunks=1 with model.n_experts > 0")
+    if not m.reversible:
+        return
+    refused = [
+        (m.norm_position != "pre", f"pre-LN blocks (model.norm_position='pre', got "
+                                   f"{m.norm_position!r})"),
+        (m.arch == "encoder_decoder", "self-attention stacks (model.arch='decoder' or "
+                                      "'encoder'; cross-attention is not reversible)"),
+        (m.n_experts > 0, f"dense feed-forwards (model.n_experts=0, got {m.n_experts})"),
+        (m.remat != "none", f"no remat (model.remat='none', got {m.remat!r}: reversible "
+                            "blocks already recompute their activations)"),
+    ]
+    for bad, needs in refused:
+        if bad:
+            raise ConfigError(f"model.reversible=true needs {needs}")
 
 
 def validate_mesh(mesh: MeshConfig) -> None:

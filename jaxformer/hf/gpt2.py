@@ -69,7 +69,7 @@ GPT2_LAYOUT = {"arch": "decoder", "pos_encoding": "learned", "norm": "layernorm"
                "use_bias": True, "tie_embeddings": True, "embed_scale": False,
                "embed_norm": False, "type_vocab_size": 0, "num_labels": 0, "n_kv_heads": 0,
                "head_dim": 0, "sliding_window": 0, "attention_scale": 0.0,
-               "attention_type": "mha", "scale_tied_logits": False}
+               "attention_type": "mha", "scale_tied_logits": False, "reversible": False}
 
 
 def check_exportable(cfg: ModelConfig) -> None:

@@ -76,7 +76,8 @@ def special_token_ids(eos: int | None, pad: int | None) -> dict[str, int]:
 LAYOUT = {"arch": "decoder", "pos_encoding": "rope", "rope_fraction": 1.0, "norm": "rmsnorm",
           "norm_position": "pre", "final_norm": True, "activation": "swiglu",
           "embed_scale": False, "embed_norm": False, "type_vocab_size": 0, "num_labels": 0,
-          "attention_scale": 0.0, "attention_type": "mha", "scale_tied_logits": False}
+          "attention_scale": 0.0, "attention_type": "mha", "scale_tied_logits": False,
+          "reversible": False}
 
 
 def check_exportable(cfg: ModelConfig, family: str = "Llama") -> None:

@@ -250,6 +250,21 @@ class TransformerBlock(nnx.Module):
                                    out_std=residual_out_std(cfg), dtype=dtype,
                                    param_dtype=pdtype, rngs=rngs)
 
+    def reversible_step(self, x1: jnp.ndarray, x2: jnp.ndarray, inputs: AttentionInputs, *,
+                        cache: LayerCache | None = None, cache_index: jnp.ndarray | None = None,
+                        dropout_rng: jax.Array | None = None
+                        ) -> tuple[jnp.ndarray, jnp.ndarray, LayerCache | None]:
+        """The block as a reversible layer (``model.reversible``, pre-LN, no cross-attention):
+        Y1 = X1 + Attention(norm(X2)), Y2 = X2 + FeedForward(norm(Y1)). x1, x2: [B, T, D]
+        -> (y1, y2, updated self-attention cache). The same keys as ``__call__`` draw the
+        dropout masks. The training forward runs these two branches through
+        ``layer_stack.apply_reversible`` (a custom_vjp); decoding runs this method."""
+        rngs = split_rng(dropout_rng, 5)
+        f, new_cache = attention_branch(self.cfg, self.attn_norm, self.attn, x2, inputs,
+                                        cache=cache, cache_index=cache_index, rngs=rngs)
+        y1 = x1 + f
+        return y1, x2 + feed_forward_branch(self.cfg, self.mlp_norm, self.mlp, y1, rngs), new_cache
+
     def _residual(self, x: jnp.ndarray, norm: nnx.Module, branch, rng: jax.Array | None):
         if self.cfg.norm_position == "pre":
             return x + dropout(branch(norm(x)), self.cfg.dropout, rng)
@@ -286,12 +301,30 @@ class TransformerBlock(nnx.Module):
 
     def _feed_forward(self, h: jnp.ndarray, inputs: AttentionInputs) -> jnp.ndarray:
         if not self.moe:
-            return self.mlp(h)
+            return self.mlp(h, chunks=self.cfg.ff_chunks)
         # Padding (segment id 0) takes no expert capacity and does not count in router stats.
         mask = None if inputs.segment_ids is None else inputs.segment_ids > 0
         y, stats = self.mlp(h, mask)
         record(self, "moe_stats", stats)
         return y
+
+
+def attention_branch(cfg: ModelConfig, norm: nnx.Module, attn: nnx.Module, h: jnp.ndarray,
+                     inputs: AttentionInputs, *, cache: LayerCache | None = None,
+                     cache_index: jnp.ndarray | None = None,
+                     rngs: list[jax.Array | None]) -> tuple[jnp.ndarray, LayerCache | None]:
+    """A pre-LN block's self-attention branch, dropout(attn(norm(h))), without the residual:
+    h [B, T, D], rngs the block's five keys (``split_rng``) -> ([B, T, D], updated cache)."""
+    y, new_cache = attn(norm(h), cache=cache, cache_index=cache_index, dropout_rng=rngs[0],
+                        **inputs.kwargs())
+    return dropout(y, cfg.dropout, rngs[1]), new_cache
+
+
+def feed_forward_branch(cfg: ModelConfig, norm: nnx.Module, mlp: FeedForward, h: jnp.ndarray,
+                        rngs: list[jax.Array | None]) -> jnp.ndarray:
+    """A pre-LN block's dense feed-forward branch, dropout(mlp(norm(h))), in
+    ``cfg.ff_chunks`` slices of the length: h [B, T, D] -> [B, T, D]."""
+    return dropout(mlp(norm(h), chunks=cfg.ff_chunks), cfg.dropout, rngs[4])
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:

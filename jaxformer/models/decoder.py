@@ -139,7 +139,7 @@ class DecoderLM(nnx.Module):
             inputs.mask = prefix_mask(prefix) & segment_mask(segment_ids)
         x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
         x = apply_blocks(self, self.blocks, cfg, x, rngs[:-1],
-                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
+                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0], inputs)
         if not return_mtp:
             return self._logits(x)
         if self.mtp is None:
@@ -203,9 +203,16 @@ class DecoderLM(nnx.Module):
         positions, inputs = self._decode_inputs(b, t, s, cache_index, offsets, prefix_end)
         x = self.inputs(self.embed, tokens, positions)
         new_cache = []
+        x1 = x2 = x  # model.reversible: the two halves of the residual stream
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x, layer_cache = block(x, inputs, cache=layer_cache, cache_index=cache_index)
+            if self.cfg.reversible:  # apply_reversible's math, as a plain loop
+                x1, x2, layer_cache = block.reversible_step(x1, x2, inputs, cache=layer_cache,
+                                                            cache_index=cache_index)
+            else:
+                x, layer_cache = block(x, inputs, cache=layer_cache, cache_index=cache_index)
             new_cache.append(layer_cache)
+        if self.cfg.reversible:
+            x = 0.5 * (x1 + x2)
         if return_hidden:
             return self._logits(x), new_cache, x
         return self._logits(x), new_cache

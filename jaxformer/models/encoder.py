@@ -12,6 +12,10 @@ Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
                       D->D + tanh on the first token's final hidden state) -> dropout -> dense
                       D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
                       transformers, so its ``__call__`` raises.
+    + two_tower       pair classifier (LRA's retrieval, Tay et al. 2021): each row holds two
+                      sequences of T tokens, encoded separately by the same encoder; the
+                      pooled states u, v of their first tokens give [u, v, u*v, u-v] ->
+                      dropout -> dense 4D->L. ``classify_pair`` -> [B, L].
 
 ``encode`` gives the final hidden states [B, T, D] of either.
 """
@@ -108,7 +112,8 @@ class EncoderModel(nnx.Module):
             self.pooler = Dense(cfg.d_model, cfg.d_model, ("embed", None),
                                 init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
                                 rngs=rngs)
-            self.classifier = Dense(cfg.d_model, cfg.num_labels, ("embed", None),
+            width = 4 * cfg.d_model if cfg.two_tower else cfg.d_model
+            self.classifier = Dense(width, cfg.num_labels, ("embed", None),
                                     init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
                                     rngs=rngs)
         else:
@@ -133,7 +138,7 @@ class EncoderModel(nnx.Module):
                                  bias=self.rel_bias(positions, positions))
         x = self.inputs(self.embed, tokens, positions, token_types, dropout_rng=rngs[-1])
         x = apply_blocks(self, self.blocks, self.cfg, x, rngs[:-1],
-                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
+                         lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0], inputs)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
@@ -153,10 +158,41 @@ class EncoderModel(nnx.Module):
                  *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """Sequence-classification logits from the first token of each row (BERT's [CLS]).
         Arguments as in ``encode`` -> [B, L] float32."""
-        if self.classifier is None:
-            raise ValueError("classify() needs model.num_labels > 0")
+        if self.classifier is None or self.cfg.two_tower:
+            raise ValueError("classify() needs model.num_labels > 0 and no two_tower "
+                             "(a two-tower model classifies pairs: classify_pair())")
         rngs = split_rng(dropout_rng, 2)
-        x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rngs[0])
-        pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
+        pooled = self._pool(tokens, positions, segment_ids, token_types, rngs[0])
         pooled = dropout(pooled, self.cfg.dropout, rngs[1])
         return self.classifier(pooled).astype(jnp.float32)
+
+    def classify_pair(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+                      segment_ids: jnp.ndarray | None = None, *,
+                      dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Two-tower pair-classification logits (``model.two_tower``).
+
+        tokens, positions, segment_ids: [B, 2T] int, each row two sequences of T tokens one
+        after the other (positions counting from 0 in each). Both are encoded with the same
+        weights as separate rows [2B, T] (neither sees the other) -> [B, L] float32.
+        """
+        if self.classifier is None or not self.cfg.two_tower:
+            raise ValueError("classify_pair() needs model.num_labels > 0 and model.two_tower")
+        b, t2 = tokens.shape
+        if t2 % 2:
+            raise ValueError(f"classify_pair() needs rows of two equal halves, got length {t2}")
+
+        def towers(x: jnp.ndarray | None) -> jnp.ndarray | None:  # [B, 2T] -> [2B, T]
+            return None if x is None else x.reshape(2 * b, t2 // 2)
+
+        rngs = split_rng(dropout_rng, 2)
+        pooled = self._pool(towers(tokens), towers(positions), towers(segment_ids), None,
+                            rngs[0]).reshape(b, 2, -1)
+        u, v = pooled[:, 0], pooled[:, 1]  # [B, D] each
+        features = dropout(jnp.concatenate([u, v, u * v, u - v], axis=-1), self.cfg.dropout,
+                           rngs[1])
+        return self.classifier(features).astype(jnp.float32)
+
+    def _pool(self, tokens, positions, segment_ids, token_types, rng) -> jnp.ndarray:
+        """BERT's pooler: tanh(dense(final hidden state of each row's first token)) [B, D]."""
+        x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rng)
+        return jnp.tanh(self.pooler(x[:, 0]))

@@ -156,6 +156,11 @@ class Attention(nnx.Module):
     ``b_q`` [N, H], ``b_k``/``b_v`` [K, H] and ``b_out`` [D]. For self-attention the three input
     projections run as one matmul on their concatenated weights.
 
+    ``key_projection=False`` creates no ``w_k``/``b_k`` (a module with its own keys, as LSH's
+    shared query/key projection). An efficient family's kernel with random features
+    (``attention_families.FamilyKernel``, performer/rfa) gets this layer's own draw as state,
+    ``random_features`` [m, H] (``RandomFeatures``; None otherwise), passed to the kernel.
+
     ``capture_attention`` (a plain attribute, False unless set): sow the attention
     probabilities, see the module docstring.
     """
@@ -167,7 +172,7 @@ class Attention(nnx.Module):
                  out_std: float | None = None, implementation: str | AttentionFn = "reference",
                  rope: Rope | None = None, scale: float | None = None, dropout: float = 0.0,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+                 key_projection: bool = True, rngs: nnx.Rngs):
         n_kv = n_kv_heads or n_heads
         h = head_dim or d_model // n_heads
         if n_heads % n_kv:
@@ -180,19 +185,23 @@ class Attention(nnx.Module):
         out_std = init_std if out_std is None else out_std
         self.w_q = normal_param(rngs, (d_model, n_heads, h), ("embed", "heads", "head_dim"),
                                 init_std, param_dtype)
-        self.w_k = normal_param(rngs, (d_model, n_kv, h), ("embed", "kv_heads", "head_dim"),
-                                init_std, param_dtype)
+        self.w_k = (normal_param(rngs, (d_model, n_kv, h), ("embed", "kv_heads", "head_dim"),
+                                 init_std, param_dtype) if key_projection else None)
         self.w_v = normal_param(rngs, (d_model, n_kv, h), ("embed", "kv_heads", "head_dim"),
                                 init_std, param_dtype)
         self.w_out = normal_param(rngs, (n_heads, h, d_model), ("heads", "head_dim", "embed"),
                                   out_std, param_dtype)
         if use_bias:
             self.b_q = constant_param((n_heads, h), ("heads", "head_dim"), 0.0, param_dtype)
-            self.b_k = constant_param((n_kv, h), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.b_k = (constant_param((n_kv, h), ("kv_heads", "head_dim"), 0.0, param_dtype)
+                        if key_projection else None)
             self.b_v = constant_param((n_kv, h), ("kv_heads", "head_dim"), 0.0, param_dtype)
             self.b_out = constant_param((d_model,), ("embed",), 0.0, param_dtype)
         else:
             self.b_q = self.b_k = self.b_v = self.b_out = None
+        # Drawn last, so the projections' draws are those of a layer without features.
+        make_features = getattr(implementation, "make_features", None)
+        self.random_features = None if make_features is None else make_features(rngs)
 
     def _project(self, x: jnp.ndarray, names: tuple[str, ...]) -> list[jnp.ndarray]:
         """x: [B, T, D] through the named projections as one [B*T, D] x [D, sum] matmul
@@ -281,6 +290,8 @@ class Attention(nnx.Module):
         else:
             kernel = (get_attention_fn(self.implementation)
                       if isinstance(self.implementation, str) else self.implementation)
+            if self.random_features is not None:
+                kwargs["features"] = self.random_features[...]
             out = kernel(q, k, v, **kwargs)  # [B, T, N, H]
         return self._out(out), cache
 

@@ -25,7 +25,8 @@ from flax import nnx
 from jaxformer.config import GATED_ACTIVATIONS, default_d_ff
 from jaxformer.nn.params import constant_param, normal_param
 
-__all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "FeedForward", "activation_fn", "default_d_ff"]
+__all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "FeedForward", "activation_fn", "apply_in_chunks",
+           "default_d_ff"]
 
 _ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
@@ -88,8 +89,17 @@ class FeedForward(nnx.Module):
         y = x @ w[...].astype(self.dtype)
         return y if bias is None else y + bias[...].astype(self.dtype)
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: [..., D] (typically [B, T, D]) -> [..., D] in the compute dtype."""
+    def __call__(self, x: jnp.ndarray, chunks: int = 1) -> jnp.ndarray:
+        """x: [..., D] (typically [B, T, D]) -> [..., D] in the compute dtype.
+
+        chunks > 1 (x [B, T, D]): the rows of ``chunks`` slices of the length in turn
+        (``apply_in_chunks``), so the [B, T, F] hidden activations never exist whole.
+        """
+        if chunks > 1:
+            return apply_in_chunks(self._apply, x, chunks)
+        return self._apply(x)
+
+    def _apply(self, x: jnp.ndarray) -> jnp.ndarray:
         act = _ACTIVATIONS[self.activation]
         # Flatten to [M, D] and use 2-D matmuls: on CPU the 3-D einsum 'BTD,DF->BTF' was
         # measured slower, by up to 2.5x in the backward pass, where the weight gradients
@@ -102,6 +112,30 @@ class FeedForward(nnx.Module):
             h = act(self._linear(x2, self.wi, self.bi))
         y = self._linear(h, self.wo, self.bo)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def apply_in_chunks(fn: Callable[[jnp.ndarray], jnp.ndarray], x: jnp.ndarray,
+                    chunks: int) -> jnp.ndarray:
+    """A position-wise ``fn`` over x [B, T, ...] in ``chunks`` slices of the length, one after
+    the other (Reformer's chunked feed-forward, Kitaev et al. 2020 §3): -> fn(x) [B, T, ...].
+
+    Each slice runs under ``jax.checkpoint`` inside a ``lax.map``, so neither the forward nor
+    the backward pass holds more than one slice's intermediates (the backward recomputes them
+    slice by slice). Any T: the length is zero-padded up to whole slices of ceil(T / chunks)
+    (at most one slice's worth of extra rows, cut off again); T <= 1 or chunks <= 1 runs fn
+    once on all of x.
+    """
+    b, t = x.shape[:2]
+    if chunks <= 1 or t <= 1:
+        return fn(x)
+    size = -(-t // min(chunks, t))  # rows per slice
+    n = -(-t // size)  # slices (no slice only padding)
+    pad = n * size - t
+    xp = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+    xs = jnp.swapaxes(xp.reshape(b, n, size, *x.shape[2:]), 0, 1)  # [n, B, size, ...]
+    ys = jax.lax.map(jax.checkpoint(fn, prevent_cse=False), xs)
+    y = jnp.swapaxes(ys, 0, 1)
+    return y.reshape(b, n * size, *y.shape[3:])[:, :t]
 
 
 class GeluMlp(FeedForward):

@@ -48,6 +48,7 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.data.cache import atomic_write_text, resolve_cache_dir
 from jaxformer.errors import UserError
+from jaxformer.nn.attention_families import without_features
 from jaxformer.nn.feedforward import GATED_ACTIVATIONS
 
 # Dense peak FLOP/s per chip from vendor data sheets, by dtype.
@@ -63,7 +64,8 @@ _PEAK_TABLE = {
 
 
 def count_params(params: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    """Trained parameters: every leaf but Performer/RFA random features (drawn, not trained)."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(without_features(params))))
 
 
 def matmul_params(cfg: ModelConfig) -> int:

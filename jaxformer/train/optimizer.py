@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxformer.config import TrainConfig
+from jaxformer.nn.attention_families import is_feature_path
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
@@ -94,12 +95,18 @@ def learning_rate_schedule(cfg: TrainConfig, d_model: int | None = None) -> opta
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(cfg: TrainConfig, d_model: int | None = None) -> optax.GradientTransformation:
-    """Clip, then AdamW; weight decay only on matrices (not on biases and norm scales).
-    ``d_model`` is passed to ``learning_rate_schedule`` (needed by inverse_sqrt only)."""
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(params):
+    """Which leaves weight decay shrinks: matrices, not biases, norm scales or the random
+    features of Performer/RFA layers (model state that is drawn, never trained)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and not is_feature_path(path), params)
 
+
+def make_optimizer(cfg: TrainConfig, d_model: int | None = None) -> optax.GradientTransformation:
+    """Clip, then AdamW; weight decay only on matrices (``decay_mask``). Random features get a
+    zero gradient (the kernel reads them through ``stop_gradient``), so Adam's moments stay 0
+    and their update is exactly 0. ``d_model`` is passed to ``learning_rate_schedule``
+    (needed by inverse_sqrt only)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(learning_rate_schedule(cfg, d_model), b1=cfg.beta1, b2=cfg.beta2,
                              weight_decay=cfg.weight_decay, mask=decay_mask))

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxformer.config import Config
 from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
+from jaxformer.nn.attention_families import FeatureRedraw
 from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
@@ -137,12 +138,21 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
         forward=forward, dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
         label_smoothing=cfg.objective.label_smoothing, z_loss=cfg.objective.z_loss,
         mesh=mesh, rules=rules, moe=moe_coefficients(cfg),
-        mtp_weight=cfg.objective.mtp_weight)
+        mtp_weight=cfg.objective.mtp_weight, redraw=feature_redraw(cfg))
     eval_step = make_eval_step(graphdef, shardings.params, b_sharding, rep, forward=forward,
                                mesh=mesh, rules=rules)
     return Runtime(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
                    schedule=schedule, state_sharding=shardings, batch_sharding=b_sharding,
                    train_step=train_step, eval_step=eval_step)
+
+
+def feature_redraw(cfg: Config) -> FeatureRedraw | None:
+    """The periodic redraw of Performer/RFA random features (``model.feature_redraw``), keyed
+    by the train seed; None when it is off."""
+    m = cfg.model
+    if m.feature_redraw <= 0:
+        return None
+    return FeatureRedraw(m.attention_type, m.feature_redraw, seed=cfg.train.seed)
 
 
 def moe_coefficients(cfg: Config) -> tuple[float, float] | None:

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxformer.nn.attention_families import FeatureRedraw, without_features
 from jaxformer.nn.moe_stats import collect_moe_stats
 from jaxformer.objectives.loss import collect_mtp_sums, cross_entropy_sums
 from jaxformer.parallel.sharding import Rules, activation_sharding
@@ -77,7 +78,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     forward: LogitsFn, dropout: bool = False, seed: int = 0,
                     label_smoothing: float = 0.0, z_loss: float = 0.0, mesh: Mesh | None = None,
                     rules: Rules | None = None,
-                    moe: tuple[float, float] | None = None, mtp_weight: float = 0.0
+                    moe: tuple[float, float] | None = None, mtp_weight: float = 0.0,
+                    redraw: FeatureRedraw | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
     and the incoming state donated (updated in place). With ``dropout`` the model gets a key
@@ -85,7 +87,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (``loss``), while ``nll`` stays the plain negative log-likelihood. With ``mesh`` and
     ``rules`` the model's activation constraints pin activations to the mesh; ``moe`` adds
     the router losses and ``mtp_weight`` the multi-token-prediction loss (see
-    make_loss_sums)."""
+    make_loss_sums). ``redraw`` (``model.feature_redraw > 0``) replaces the Performer/RFA
+    random features by a fresh draw after every k-th update (a pure function of the seed, the
+    new step count and the layer; see ``FeatureRedraw``). ``param_norm`` leaves the features
+    out: they are drawn, not trained."""
     loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight)
 
     def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
@@ -141,6 +146,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
+        new_step = state.step + 1
+        if redraw is not None:  # after the update (and its non-finite guard): by step count
+            params = redraw(params, new_step)
         metrics = {
             "loss": sums["loss_sum"] / n,
             "nll": sums["nll_sum"] / n,
@@ -148,13 +156,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "accuracy": sums["correct_sum"] / n,
             "target_tokens": sums["weight_sum"],
             "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm(params),
+            "param_norm": optax.tree.norm(without_features(params)),
             "lr": schedule(state.step),
             "skipped": 1.0 - finite.astype(jnp.float32),  # 1: the update was not applied
         }
         metrics.update({k[:-len("_sum")]: v / n for k, v in sums.items()
                         if k.startswith(("moe_", "mtp_"))})
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = TrainState(step=new_step, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),

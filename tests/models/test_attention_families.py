@@ -38,6 +38,7 @@ def test_family_memorizes_a_batch_through_the_train_step(family):
                       *FAMILY_OPTIONS[family])
     state, step, sharding = make_runner(cfg)
     batch = jax.device_put(random_batch(cfg, 0), sharding)
+    before = jax.device_get(state.params)  # a host copy: the step donates the state
     losses = []
     for _ in range(30):
         state, m = step(state, batch)
@@ -45,6 +46,12 @@ def test_family_memorizes_a_batch_through_the_train_step(family):
     assert all(np.isfinite(losses)), losses
     assert losses[0] > 0.9 * np.log(64)  # starts near uniform over the vocabulary
     assert losses[-1] < 0.6 * losses[0], losses  # learns: memorizes the batch
+    if family in ("performer", "rfa"):  # features: one draw per layer, kept (feature_redraw=0)
+        w = [before["blocks"][i]["attn"]["random_features"] for i in range(2)]
+        assert w[0].shape == (32, 8) and not np.array_equal(w[0], w[1])
+        for i in range(2):
+            np.testing.assert_array_equal(state.params["blocks"][i]["attn"]["random_features"],
+                                          w[i])
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -60,6 +67,12 @@ def test_family_memorizes_a_batch_through_the_train_step(family):
     (("model.attention_type=rfa", "model.sliding_window=4"), "sliding_window=0"),
     (("model.attention_type=aft_full", "model.attention_dropout=0.1"), "attention_dropout=0"),
     (("model.attention_type=linear", "model.arch=encoder_decoder"), "not encoder-decoder"),
+    (("model.attention_type=linear", "model.feature_redraw=5"),
+     "feature_redraw=5 redraws random features: it needs model.attention_type='performer' or "
+     "'rfa' \\(got 'linear'\\)"),
+    (("model.feature_redraw=5",), "got 'mha'"),
+    (("model.attention_type=performer", "model.feature_redraw=-1"),
+     "model.feature_redraw: -1 must be >= 0"),
 ])
 def test_bad_family_settings_are_one_line_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
