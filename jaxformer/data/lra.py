@@ -1,5 +1,5 @@
 """Long Range Arena-style classification sources, offline and deterministic: ``data.source =
-"lra:listops"``, ``"lra:image"`` or ``"lra:pathfinder"``.
+"lra:listops"``, ``"lra:text"``, ``"lra:retrieval"``, ``"lra:image"`` or ``"lra:pathfinder"``.
 
 Tay, Dehghani, Abnar, Shen, Bahri, Pham, Rao, Yang, Ruder and Metzler (2021), "Long Range
 Arena: A Benchmark for Efficient Transformers" (ICLR 2021). Each source has its own fixed
@@ -15,6 +15,20 @@ mean of the two middle values, as LRA's ``int(np.median(...))``, e.g. ``[MED 1 2
 5) and SM = sum(args) mod 10. Expressions of ``(seq_len - 1) // 4`` to ``seq_len - 1`` tokens
 are kept (LRA: 500 to 2000), by rejection.
 
+``lra:text`` (LRA's byte-level IMDb reviews, here offline): which package a Python
+standard-library file comes from, from its first ``seq_len - 1`` bytes: the classes are the
+four packages with the most files (``jaxformer.data.classification.package_files``; on
+Python 3.11 distutils, asyncio, email, importlib), files of under 256 bytes left out, every
+fifth file of each package (sorted by path) held out. Training draws a class uniformly, then
+a file; the held-out set is every held-out file once.
+
+``lra:retrieval`` (LRA's byte-level AAN citation pairs, here offline): do two files come from
+the same package? Label 1 (probability 1/2): two different files of one class; 0: files of
+two different classes; both from the training files, or (a fixed set of 256 pairs, half of
+them matching) both from the held-out files. A row
+holds the two documents one after the other (2 x seq_len tokens, each CLS + bytes, padded),
+for a two-tower model (``model.two_tower``) that encodes each on its own.
+
 ``lra:image``: LRA classifies CIFAR-10 as 1,024 grey pixels; here, offline, scikit-learn's
 bundled handwritten digits (``load_digits``: 1,797 images of 8x8, grey levels 0..16;
 Alpaydin and Kaynak 1998), each level v mapped to intensity round(255 v / 16), upscaled to
@@ -27,23 +41,25 @@ dashed curves and two dots; label 1 when the dots are the two ends of one curve,
 end two different curves. Every image has two such curves and two short distractors; curves
 never touch (with a one-pixel margin).
 
-Ids: 0 PAD, 1 CLS; ListOps: 2..11 the digits 0..9, 12 ``[MIN``, 13 ``[MAX``, 14 ``[MED``,
-15 ``[SM``, 16 ``]`` (17 ids); images: 2 + intensity (258 ids). Training rows are a pure
-function of (seed, step, row): row b of step s draws from default_rng([seed, s, b]). Generated
-expressions and pathfinder images are held out when the CRC-32 of their tokens is 0 mod 10
-(held-out example k draws from default_rng([2**31 - 1, k])); a draw lands on its side of the
-split by redrawing random digit leaves (ListOps) or the last distractor curve (Pathfinder)
+Ids: 0 PAD, 1 CLS; ListOps: 2..11 the digits 0..9, 12 ``[MIN``, 13 ``[MAX``, 14 ``[MED``, 15
+``[SM``, 16 ``]`` (17 ids); images: 2 + intensity, text: 2 + byte (258 ids). Training rows are
+a pure function of (seed, step, row): row b of step s draws from default_rng([seed, s, b]).
+Generated expressions and pathfinder images are held out when the CRC-32 of their tokens is 0
+mod 10 (held-out example k draws from default_rng([2**31 - 1, k])); a draw lands on its side of
+the split by redrawing random digit leaves (ListOps) or the last distractor curve (Pathfinder)
 until the hash agrees, so validation never holds a training example.
 
-Letters: B batch, T data.seq_len.
+Letters: B batch, T data.seq_len (a retrieval row holds 2T tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +67,7 @@ from jaxformer.data.errors import DataError
 from jaxformer.data.packing import stack_examples
 
 PREFIX = "lra:"
-TASKS = ("listops", "image", "pathfinder")
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 PAD_ID, CLS_ID = 0, 1
 _VAL_KEY = 2**31 - 1  # the held-out stream's generator key, far from any (seed, step)
 
@@ -70,6 +86,13 @@ LISTOPS_MIN_SEQ_LEN = 17  # CLS + 16 tokens: room for a few expression lengths
 SIDE = 32
 PIXELS = SIDE * SIDE
 IMAGE_VOCAB = 2 + 256
+
+# --- byte-level text ---------------------------------------------------------------------------
+
+BYTE_VOCAB = 2 + 256
+TEXT_CLASSES = 4
+MIN_FILE_BYTES = 256
+TEXT_MIN_SEQ_LEN = 65  # CLS + 64 bytes
 
 
 def is_lra(source: str) -> bool:
@@ -276,12 +299,83 @@ def random_pathfinder(rng: np.random.Generator, heldout: bool | None = None
     return tokens, label
 
 
+# --- byte-level text -------------------------------------------------------------------------
+
+@functools.cache
+def package_bytes() -> tuple[tuple[str, ...], list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """-> (class names, per class the byte tokens (2 + byte, int32) of its training files, and
+    of its held-out files): the TEXT_CLASSES largest stdlib packages, files of at least
+    MIN_FILE_BYTES, every fifth file of a package (sorted by path) held out."""
+    from jaxformer.data.classification import package_files  # the stdlib walk, shared
+    names, files = package_files(TEXT_CLASSES)
+    train: list[list[np.ndarray]] = []
+    held: list[list[np.ndarray]] = []
+    for paths in files:
+        docs = [np.frombuffer(pathlib.Path(p).read_bytes(), np.uint8) for p in sorted(paths)]
+        docs = [2 + d.astype(np.int32) for d in docs if len(d) >= MIN_FILE_BYTES]
+        if len(docs) < 5:
+            raise DataError(f"the stdlib package {names[len(train)]!r} has fewer than 5 files "
+                            f"of {MIN_FILE_BYTES}+ bytes: too few to split")
+        held.append(docs[::5])
+        train.append([d for i, d in enumerate(docs) if i % 5])
+    return tuple(names), train, held
+
+
+def _text_source(seq_len: int) -> LraSource:
+    _, train, held = package_bytes()
+    n = seq_len - 1  # the CLS token comes first
+
+    def draw(rng: np.random.Generator, heldout: bool) -> tuple[np.ndarray, int]:
+        assert not heldout, "the text task's held-out set is fixed (every 5th file)"
+        label = int(rng.integers(len(train)))
+        return train[label][int(rng.integers(len(train[label])))][:n], label
+    docs = [(d[:n], c) for c, files in enumerate(held) for d in files]
+    return LraSource("text", seq_len, BYTE_VOCAB, len(train), draw,
+                     heldout=([d for d, _ in docs], np.asarray([c for _, c in docs])))
+
+
+RETRIEVAL_HELDOUT = 256  # held-out pairs, half of them matching
+
+
+def _file_pair(rng: np.random.Generator, docs: list[list[np.ndarray]], label: int, n: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` tokens of two different files: of one class (label 1) or of two."""
+    a_class = int(rng.integers(len(docs)))
+    b_class = a_class if label else (a_class + 1 + int(rng.integers(len(docs) - 1))) % len(docs)
+    a = int(rng.integers(len(docs[a_class])))
+    b = int(rng.integers(len(docs[b_class]) - label))  # another file of the same class
+    if label and b >= a:
+        b += 1
+    return docs[a_class][a][:n], docs[b_class][b][:n]
+
+
+def _retrieval_source(seq_len: int) -> LraSource:
+    _, train, held = package_bytes()
+    n = seq_len - 1
+
+    def draw(rng: np.random.Generator, heldout: bool
+             ) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        assert not heldout, "the retrieval task's held-out pairs are fixed"
+        label = int(rng.integers(2))
+        return _file_pair(rng, train, label, n), label
+    # A fixed, balanced held-out set: pair k (label k mod 2) from default_rng([_VAL_KEY, k]).
+    labels = np.arange(RETRIEVAL_HELDOUT) % 2
+    pairs = [_file_pair(np.random.default_rng([_VAL_KEY, k]), held, int(y), n)
+             for k, y in enumerate(labels)]
+    return LraSource("retrieval", seq_len, BYTE_VOCAB, 2, draw, heldout=(pairs, labels))
+
+
 # --- the sources ------------------------------------------------------------------------------
 
-def example(tokens: np.ndarray, label: int, seq_len: int, weight: float = 1.0
-            ) -> dict[str, np.ndarray]:
+def example(tokens: np.ndarray | tuple[np.ndarray, np.ndarray], label: int, seq_len: int,
+            weight: float = 1.0) -> dict[str, np.ndarray]:
     """One row: CLS + tokens, padded with PAD (segment 0) to ``seq_len``: inputs,
-    segment_ids, positions [T]; targets, loss_weights [1]."""
+    segment_ids, positions [T]; targets, loss_weights [1]. A pair of token arrays (retrieval)
+    gives the two rows one after the other: inputs, segment_ids, positions [2T]."""
+    if isinstance(tokens, tuple):
+        first, second = (example(t, label, seq_len, weight) for t in tokens)
+        return {k: first[k] if k in ("targets", "loss_weights")
+                else np.concatenate([first[k], second[k]]) for k in first}
     n = len(tokens) + 1
     inputs = np.full(seq_len, PAD_ID, np.int32)
     inputs[0], inputs[1:n] = CLS_ID, tokens
@@ -300,10 +394,11 @@ class LraSource:
     seq_len: int
     vocab_size: int
     num_classes: int
-    # (rng, heldout) -> (tokens, label): a training or held-out draw
-    draw: Callable[[np.random.Generator, bool], tuple[np.ndarray, int]]
-    # a finite held-out set (images, labels) walked in order, or None: drawn from _VAL_KEY
-    heldout: tuple[np.ndarray, np.ndarray] | None = None
+    # (rng, heldout) -> (tokens, label): a training or held-out draw (tokens: a pair of
+    # arrays for retrieval)
+    draw: Callable[[np.random.Generator, bool], tuple[Any, int]]
+    # a finite held-out set (token arrays, labels) walked in order, or None: drawn from _VAL_KEY
+    heldout: tuple[Sequence[np.ndarray], np.ndarray] | None = None
     _val_cache: list[tuple[np.ndarray, int]] = dataclasses.field(default_factory=list)
 
     def train_batch(self, step: int, batch_size: int, seed: int,
@@ -382,15 +477,27 @@ def task_shape(source: str) -> tuple[int, int, int]:
     task = source[len(PREFIX):] if is_lra(source) else source
     if task == "listops":
         return LISTOPS_VOCAB, 10, LISTOPS_MIN_SEQ_LEN
+    if task in ("text", "retrieval"):
+        return BYTE_VOCAB, TEXT_CLASSES if task == "text" else 2, TEXT_MIN_SEQ_LEN
     if task in ("image", "pathfinder"):
         return IMAGE_VOCAB, 10 if task == "image" else 2, PIXELS + 1
     raise DataError(f"unknown LRA task {source!r}; choose one of: "
                     f"{', '.join(PREFIX + t for t in TASKS)}")
 
 
-def check(source: str, seq_len: int, vocab_size: int, num_labels: int) -> None:
+def is_pair_task(source: str) -> bool:
+    """Whether rows of ``source`` are pairs of documents (a two-tower model's task)."""
+    return source == PREFIX + "retrieval"
+
+
+def check(source: str, seq_len: int, vocab_size: int, num_labels: int,
+          two_tower: bool = False) -> None:
     """A one-line DataError when the model or the sequence length cannot hold the task."""
     vocab, classes, min_seq = task_shape(source)
+    if two_tower != is_pair_task(source):
+        raise DataError(f"data.source={source!r} " + (
+            "classifies pairs of documents: it needs model.two_tower=true" if is_pair_task(source)
+            else "classifies single sequences: set model.two_tower=false"))
     if vocab_size < vocab:
         raise DataError(f"data.source={source!r} has {vocab} token ids; model.vocab_size must "
                         f"be >= {vocab}, got {vocab_size}")
@@ -402,13 +509,18 @@ def check(source: str, seq_len: int, vocab_size: int, num_labels: int) -> None:
                         f"{min_seq - 1} tokens), got {seq_len}")
 
 
-def create(source: str, seq_len: int, vocab_size: int, num_labels: int) -> LraSource:
-    """The task ``source`` names (``lra:listops``, ``lra:image``, ``lra:pathfinder``), checked
-    against the model (``check``)."""
-    check(source, seq_len, vocab_size, num_labels)
+def create(source: str, seq_len: int, vocab_size: int, num_labels: int,
+           two_tower: bool = False) -> LraSource:
+    """The task ``source`` names (``lra:<task>``, TASKS), checked against the model
+    (``check``)."""
+    check(source, seq_len, vocab_size, num_labels, two_tower)
     task = source[len(PREFIX):]
     if task == "listops":
         return LraSource(task, seq_len, LISTOPS_VOCAB, 10, _listops_draw(seq_len))
     if task == "image":
         return _image_source(seq_len)
+    if task == "text":
+        return _text_source(seq_len)
+    if task == "retrieval":
+        return _retrieval_source(seq_len)
     return LraSource(task, seq_len, IMAGE_VOCAB, 2, random_pathfinder)

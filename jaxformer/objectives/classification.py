@@ -30,10 +30,14 @@ class Classification(Objective):
     def check(self, cfg: Config) -> None:
         if cfg.model.num_labels < 2:
             raise ValueError("objective.kind='classification' needs model.num_labels >= 2")
+        if cfg.model.two_tower and not lra.is_pair_task(cfg.data.source):
+            raise ValueError(f"model.two_tower=true classifies pairs of documents; "
+                             f"data.source={cfg.data.source!r} has single sequences (the pair "
+                             f"task: data.source='lra:retrieval')")
         if lra.is_lra(cfg.data.source):
             try:
                 lra.check(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
-                          cfg.model.num_labels)
+                          cfg.model.num_labels, cfg.model.two_tower)
             except DataError as e:
                 raise ValueError(str(e)) from None
 
@@ -55,15 +59,16 @@ class Classification(Objective):
     def logits(self, model: Any, batch: dict[str, jax.Array],
                dropout_rng: jax.Array | None = None) -> jax.Array:
         """-> [B, 1, C]: the pooled classifier's logits, aligned with targets [B, 1]."""
-        logits = model.classify(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                dropout_rng=dropout_rng)
+        classify = model.classify_pair if model.cfg.two_tower else model.classify
+        logits = classify(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          dropout_rng=dropout_rng)
         return logits[:, None, :]
 
 
 def _lra_task(name: str, cfg: Config, log: Log) -> Task:
     """A generated LRA-style task: no tokenizer, batches from ``jaxformer.data.lra``."""
     data = lra.create(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
-                      cfg.model.num_labels)
+                      cfg.model.num_labels, cfg.model.two_tower)
     log(f"data: {cfg.data.source}, {data.num_classes} classes, {data.vocab_size} token ids, "
         "generated per step (no tokenizer)")
     return Task(name=name,

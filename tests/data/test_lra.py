@@ -171,6 +171,72 @@ def test_image_rows_are_the_upscaled_digits_and_the_heldout_split_is_every_fifth
     assert task.majority_baseline(64, None) == pytest.approx(counts.max() / 360)
 
 
+def _stdlib_file_index() -> dict[bytes, str]:
+    """Independent of the source: first bytes of every stdlib .py file -> its top package."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    index = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        if len(rel) > 1 and "site-packages" not in rel:
+            index[path.read_bytes()[:255]] = rel[0]
+    return index
+
+
+def _row_bytes(row: np.ndarray, seg: np.ndarray) -> bytes:
+    return bytes((row[1:int(seg.sum())] - 2).astype(np.uint8).tolist())
+
+
+def test_text_rows_are_the_first_bytes_of_a_file_of_the_labeled_package():
+    # 255 bytes: the shortest head that no held-out file shares with a training file (at
+    # 127, an email file's copyright header matches another's)
+    task = lra.create("lra:text", 256, lra.BYTE_VOCAB, lra.TEXT_CLASSES)
+    names, _, _ = lra.package_bytes()
+    index = _stdlib_file_index()
+    batch = task.train_batch(3, 16, seed=0)
+    assert batch["inputs"].shape == (16, 256) and (batch["inputs"][:, 0] == lra.CLS_ID).all()
+    train_files = set()
+    for row, seg, label in zip(batch["inputs"], batch["segment_ids"], batch["targets"][:, 0],
+                               strict=True):
+        head = _row_bytes(row, seg)
+        assert len(head) == 255 and index[head] == names[label]
+        train_files.add(head)
+    val = list(task.val_batches(8))
+    heads = [_row_bytes(r, s) for v in val for r, s, w in zip(
+        v["inputs"], v["segment_ids"], v["loss_weights"][:, 0], strict=True) if w > 0]
+    labels = [int(y) for v in val for y, w in zip(v["targets"][:, 0], v["loss_weights"][:, 0],
+                                                   strict=True) if w > 0]
+    assert all(index[h] == names[y] for h, y in zip(heads, labels, strict=True))
+    assert not train_files & set(heads)  # held-out files are never trained on
+    assert set(labels) == set(range(lra.TEXT_CLASSES))
+    assert task.majority_baseline(8, None) == pytest.approx(
+        np.bincount(labels).max() / len(labels))
+
+
+def test_retrieval_rows_pair_two_files_labeled_by_same_package():
+    seq_len = 256
+    task = lra.create("lra:retrieval", seq_len, lra.BYTE_VOCAB, 2, two_tower=True)
+    index = {h[:seq_len - 1]: p for h, p in _stdlib_file_index().items()}
+
+    def pairs(batch):
+        for row, seg, pos, label in zip(batch["inputs"], batch["segment_ids"],
+                                        batch["positions"], batch["targets"][:, 0], strict=True):
+            assert row.shape == (2 * seq_len,) and row[0] == row[seq_len] == lra.CLS_ID
+            assert pos[seq_len] == 0 and pos[seq_len + 1] == 1  # each half from position 0
+            a, b = (_row_bytes(row[i:i + seq_len], seg[i:i + seq_len]) for i in (0, seq_len))
+            assert a != b and (index[a] == index[b]) == bool(label)
+            yield a, b, int(label)
+
+    train = [p for step in range(3) for p in pairs(task.train_batch(step, 16, seed=0))]
+    held = [p for v in task.val_batches(16, 2) for p in pairs(v)]
+    assert 0 < sum(y for *_, y in train) < len(train)
+    train_files = {f for a, b, _ in train for f in (a, b)}
+    assert not train_files & {f for a, b, _ in held for f in (a, b)}
+    again = task.train_batch(1, 16, seed=0)
+    np.testing.assert_array_equal(again["inputs"], task.train_batch(1, 16, seed=0)["inputs"])
+
+
 def test_pathfinder_dots_mark_one_curve_or_two():
     curves = [np.array([[5, 5], [5, 6], [5, 7], [5, 8]]),
               np.array([[20, 20], [21, 20], [22, 20]]),
@@ -194,12 +260,27 @@ def test_too_small_vocabulary_wrong_classes_and_short_rows_are_one_line_errors()
         lra.create("lra:pathfinder", 1025, 258, 10)
     with pytest.raises(DataError, match=r"data.seq_len >= 1025"):
         lra.create("lra:image", 1024, 258, 10)
-    with pytest.raises(DataError, match=r"unknown LRA task 'lra:text'"):
-        lra.create("lra:text", 1024, 258, 10)
+    with pytest.raises(DataError, match=r"unknown LRA task 'lra:audio'"):
+        lra.create("lra:audio", 1024, 258, 10)
+    with pytest.raises(DataError, match=r"needs model.two_tower=true"):
+        lra.create("lra:retrieval", 128, 258, 2)
+    with pytest.raises(DataError, match=r"set model.two_tower=false"):
+        lra.create("lra:text", 128, 258, 4, two_tower=True)
     # the experiment file fails at config time, before anything is written
     cfg = config_lib.load_experiment(Path(__file__).parents[2] / "experiments/lra_listops.py")
     with pytest.raises(ConfigError, match=r"model.vocab_size must be >= 17"):
         config_lib.apply_overrides(cfg, ["model.vocab_size=12"])
+    # a pair task needs the two-tower head, a single-sequence task refuses it
+    experiments = Path(__file__).parents[2] / "experiments"
+    retrieval = config_lib.load_experiment(experiments / "lra_retrieval.py")
+    with pytest.raises(ConfigError, match=r"needs model.two_tower=true"):
+        config_lib.apply_overrides(retrieval, ["model.two_tower=false"])
+    with pytest.raises(ConfigError, match=r"two_tower=true \(pair classification\) needs"):
+        config_lib.apply_overrides(retrieval, ["objective.kind=masked_lm"])
+    text = config_lib.load_experiment(experiments / "lra_text.py")
+    with pytest.raises(ConfigError, match=r"two_tower=true classifies pairs.*'lra:text' has "
+                                          r"single sequences"):
+        config_lib.apply_overrides(text, ["model.two_tower=true"])
     # a text objective on an LRA source says what to do
     with pytest.raises(DataError, match="objective.kind=classification"):
         DataPipeline.create("lra:listops", 64, 512, 0.1, 0, log=lambda s: None)

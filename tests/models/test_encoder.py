@@ -121,6 +121,40 @@ def test_classification_head_and_untied_head():
     assert run(untied, (tokens, pos, seg)).shape == (2, 4, V)
 
 
+def test_two_tower_head_reads_each_half_on_its_own():
+    """classify_pair = dense([u, v, u*v, u-v]) of the pooled first tokens of two separately
+    encoded halves (written out here with encode, the pooler and the classifier's weights)."""
+    model = tiny(num_labels=2, two_tower=True)
+    assert model.classifier.w[...].shape == (4 * 32, 2)
+    t = 6
+    a = np.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    b = np.asarray([[20, 21, 22, 0, 0, 0], [30, 31, 32, 33, 34, 0]])
+    seg_a, seg_b = (a > 0).astype(np.int32), (b > 0).astype(np.int32)
+    pos_a, pos_b = np.where(seg_a, np.arange(t), 0), np.where(seg_b, np.arange(t), 0)
+    row = lambda x, y: jnp.asarray(np.concatenate([x, y], axis=1))  # noqa: E731
+    logits = run(model, method="classify_pair",
+                 args=(row(a, b), row(pos_a, pos_b), row(seg_a, seg_b)))
+    assert logits.shape == (2, 2) and logits.dtype == np.float32
+
+    def pooled(tokens, pos, seg):
+        x = run(model, method="encode", args=(jnp.asarray(tokens), jnp.asarray(pos),
+                                              jnp.asarray(seg)))
+        return np.tanh(x[:, 0] @ np.asarray(model.pooler.w[...]) + np.asarray(model.pooler.b[...]))
+
+    u, v = pooled(a, pos_a, seg_a), pooled(b, pos_b, seg_b)
+    expected = (np.concatenate([u, v, u * v, u - v], axis=1) @ np.asarray(model.classifier.w[...])
+                + np.asarray(model.classifier.b[...]))
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    # the towers are asymmetric in u - v: swapping the documents changes the logits
+    swapped = run(model, method="classify_pair",
+                  args=(row(b, a), row(pos_b, pos_a), row(seg_b, seg_a)))
+    assert np.abs(swapped - logits).max() > 1e-4
+    with pytest.raises(ValueError, match="classify_pair"):
+        model.classify(jnp.asarray(a), jnp.asarray(pos_a), jnp.asarray(seg_a))
+    with pytest.raises(ValueError, match="two_tower"):
+        tiny(num_labels=2).classify_pair(row(a, b), row(pos_a, pos_b), row(seg_a, seg_b))
+
+
 def test_dropout_only_with_a_key():
     model = tiny(dropout=0.3, num_labels=2)
     tokens = jnp.asarray([[5, 6, 7, 8]])
