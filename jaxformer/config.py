@@ -61,6 +61,9 @@ class ModelConfig:
     # (LRA's two-tower retrieval); the classifier reads [u, v, u*v, u-v] of the two pooled
     # first tokens. Rows hold the two sequences one after the other.
     two_tower: bool = False
+    # What the classifier's pooler reads: first (BERT's [CLS], the first token's final state)
+    # | mean (the mean final state over the row's real tokens, segment id > 0)
+    pooling: str = "first"
     scale_tied_logits: bool = False  # tied un-embedding of d_model^-0.5 * x (T5 v1.0)
     sliding_window: int = 0  # >0: each token sees this many keys, itself included (Mistral)
     attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
@@ -455,6 +458,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
                              "linear", "lsh", "aft_full", "aft_local", "aft_simple"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
     "model.norm_position": ("pre", "post"),
+    "model.pooling": ("first", "mean"),
     "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"),
     "model.attention": ("auto", "reference", "blocked", "xla", "cudnn", "flash", "splash"),
     "model.param_dtype": ("float32", "bfloat16"),

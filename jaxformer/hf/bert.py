@@ -96,7 +96,8 @@ BERT_LAYOUT = {"arch": "encoder", "pos_encoding": "learned", "norm": "layernorm"
                "norm_position": "post", "final_norm": False, "use_bias": True,
                "embed_scale": False, "embed_norm": True, "n_kv_heads": 0, "head_dim": 0,
                "sliding_window": 0, "attention_scale": 0.0, "scale_tied_logits": False,
-               "attention_type": "mha", "two_tower": False}
+               "attention_type": "mha", "two_tower": False,
+               "pooling": "first"}
 
 
 def check_exportable(cfg: ModelConfig) -> None:

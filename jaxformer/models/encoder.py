@@ -9,8 +9,9 @@ Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
                       -> un-embedding (tied with the token table unless cfg.tie_embeddings is
                       False) + an output bias [V]. ``__call__`` -> [B, T, V].
     num_labels > 0    sequence classifier (``BertForSequenceClassification``): pooler (dense
-                      D->D + tanh on the first token's final hidden state) -> dropout -> dense
-                      D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
+                      D->D + tanh on the first token's final hidden state, or with
+                      ``cfg.pooling='mean'`` on the mean over the real tokens) -> dropout ->
+                      dense D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
                       transformers, so its ``__call__`` raises.
     + two_tower       pair classifier (LRA's retrieval, Tay et al. 2021): each row holds two
                       sequences of T tokens, encoded separately by the same encoder; the
@@ -193,6 +194,14 @@ class EncoderModel(nnx.Module):
         return self.classifier(features).astype(jnp.float32)
 
     def _pool(self, tokens, positions, segment_ids, token_types, rng) -> jnp.ndarray:
-        """BERT's pooler: tanh(dense(final hidden state of each row's first token)) [B, D]."""
+        """BERT's pooler: tanh(dense(h)) [B, D], h the final hidden state of each row's first
+        token (``model.pooling='first'``) or the mean of its real tokens' (``'mean'``: every
+        token with segment id > 0; all tokens without segment ids)."""
         x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rng)
-        return jnp.tanh(self.pooler(x[:, 0]))
+        if self.cfg.pooling == "mean":
+            real = (jnp.ones_like(tokens) if segment_ids is None else segment_ids > 0)
+            w = real.astype(jnp.float32)[..., None]
+            h = (x.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        else:
+            h = x[:, 0]
+        return jnp.tanh(self.pooler(h))

@@ -155,6 +155,21 @@ def test_two_tower_head_reads_each_half_on_its_own():
         tiny(num_labels=2).classify_pair(row(a, b), row(pos_a, pos_b), row(seg_a, seg_b))
 
 
+def test_mean_pooling_reads_the_mean_of_the_real_tokens():
+    model = tiny(num_labels=3, pooling="mean")
+    tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 0, 0]])
+    seg = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pos = jnp.asarray(positions_of(np.asarray(seg)))
+    logits = run(model, method="classify", args=(tokens, pos, seg))
+    x = run(model, method="encode", args=(tokens, pos, seg))
+    mean = np.stack([x[0].mean(0), x[1, :2].mean(0)])  # row 1: its two real tokens only
+    pooled = np.tanh(mean @ np.asarray(model.pooler.w[...]) + np.asarray(model.pooler.b[...]))
+    expected = pooled @ np.asarray(model.classifier.w[...]) + np.asarray(model.classifier.b[...])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    first = tiny(num_labels=3)  # the same weights, BERT's first-token pooling: other logits
+    assert np.abs(run(first, method="classify", args=(tokens, pos, seg)) - logits).max() > 1e-4
+
+
 def test_dropout_only_with_a_key():
     model = tiny(dropout=0.3, num_labels=2)
     tokens = jnp.asarray([[5, 6, 7, 8]])
