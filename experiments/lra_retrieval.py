@@ -1,8 +1,9 @@
 """Byte-level document matching, as in the Long Range Arena's retrieval task (Tay et al. 2021),
 offline: do two Python standard-library files come from the same package? A two-tower encoder
 (``model.two_tower``) reads each file's first 511 bytes on its own, with the same weights, and
-classifies the pair from [u, v, u*v, u-v] of the two pooled CLS states. (LRA matches papers
-of the ACL Anthology Network by citation, 4k bytes each.)
+classifies the pair from [u, v, u*v, u-v] of the two pooled states (the mean of each file's
+final states, ``model.pooling='mean'``: with the CLS state alone it stayed at chance). (LRA
+matches papers of the ACL Anthology Network by citation, 4k bytes each.)
 
     jaxformer train experiments/lra_retrieval.py
 
@@ -31,7 +32,8 @@ def config() -> Config:
         name="lra_retrieval",
         model=presets.bert(n_layers=2, d_model=64, n_heads=4, d_ff=128, max_len=seq_len,
                            vocab_size=BYTE_VOCAB, num_labels=2, two_tower=True,
-                           type_vocab_size=0, norm_position="pre", final_norm=True),
+                           pooling="mean", type_vocab_size=0, norm_position="pre",
+                           final_norm=True),
         data=DataConfig(source="lra:retrieval", seq_len=seq_len),
         objective=ObjectiveConfig(kind="classification"),
         train=TrainConfig(batch_size=8, steps=150, lr=1e-3),
