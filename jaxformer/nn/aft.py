@@ -18,7 +18,7 @@ with the sums over every t' (non-causal) or t' <= t (``is_causal``), and
 - AFT-simple (``aft_simple``): w = 0, so Y_t = sigmoid(Q_t) * sum_t' softmax_t'(K)_t' * V_t'
   (paper eq. 4), no [T, T] matrix: O(T D) memory.
 
-Full and local run as in the paper, as one matmul: exp(w - rowmax(w)) [T, T] @
+Full runs as in the paper, as one matmul: exp(w - rowmax(w)) [T, T] @
 [exp(K - max_t K) * V, exp(K - max_t K)] [B, T, 2D], numerator over denominator. The two shifts
 cancel in the ratio; they keep every exp <= 1, so large K or w cannot overflow. Limit of this
 factorised form (float32): a row t underflows to 0/0 only when no visible t' has
@@ -27,6 +27,12 @@ rowmax of w are both visible, so that needs both spreads (of w in a row, of K ov
 channel) above ~87; causal rows may not see the argmax of K, so there a spread of K alone above
 ~87 between early and later positions, uncompensated by w, can do it.
 
+Local runs in the paper's O(T window D) form, no [T, T] array (see ``aft_local``): the keys
+within the window's blocks by the same factorised matmul per block of queries, the keys
+further away (all with w = 0) as carried partial sums from a segmented log-sum-exp scan over
+blocks. Its shifts are local (the max of K over a query's neighbour blocks), so the limit above
+applies within a few blocks only, and causal rows do not depend on later tokens, bit for bit.
+
 Non-causal AFT-simple is a softmax over time, O(T D). Causal (or packed) AFT-simple keeps
 running (max, numerator, denominator) triples, merged as a streaming log-sum-exp, by a
 doubling scan: ceil(log2 T) elementwise steps, O(T D log T) work, exact and finite for any K.
@@ -34,13 +40,16 @@ doubling scan: ceil(log2 T) elementwise steps, O(T D log T) work, exact and fini
 Packing (``segment_ids`` [B, T] int): implemented exactly, not refused. A token sees only the
 tokens of its own run of equal consecutive segment ids (packed documents are contiguous runs;
 this is the usual equal-ids mask whenever each id occupies a single run, padding 0 included).
-Full and local hide the other runs in the [B, T, T] weight matrix; simple uses a segmented
-scan (no [T, T] matrix).
+Full hides the other runs in the [B, T, T] weight matrix, local in its per-block [B, T, n]
+weights and its carried sums (which follow the runs); simple uses a segmented scan (no [T, T]
+matrix).
 
 All arithmetic is float32; outputs come back in q's dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -116,20 +125,196 @@ def aft_full(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, w: jnp.ndarray, *,
 
 
 def local_bias(w: jnp.ndarray, window: int) -> jnp.ndarray:
-    """w [T, T] with entries at |t - t'| >= window set to 0 -> [T, T]."""
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1; got {window!r}")
+    """w [T, T] with entries at |t - t'| >= window set to 0 -> [T, T] (AFT-local's bias as a
+    dense matrix: a reference, ``aft_local`` itself reads only the band)."""
+    _check_window(window)
     t = jnp.arange(w.shape[0])
     near = jnp.abs(t[:, None] - jnp.arange(w.shape[1])[None, :]) < window
     return jnp.where(near, w, jnp.zeros_like(w))
 
 
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1; got {window!r}")
+
+
+# AFT-local's block: at least the window, and at least this many tokens, so that a short window
+# does not make the block-level scan long.
+_MIN_BLOCK = 16
+_LN2 = math.log(2.0)
+
+
+def _pow2(n: jnp.ndarray) -> jnp.ndarray:
+    """int32 n <= 127 -> 2.0 ** n in float32, built from its bits (exact), 0 below 2 ** -126."""
+    bits = (jnp.clip(n, -127, 127) + 127) << 23
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.int32), jnp.float32)
+
+
+def _neighbour_blocks(x: jnp.ndarray, offsets: tuple[int, ...], fill) -> jnp.ndarray:
+    """x [B, nb, c, ...] -> [B, nb, len(offsets) * c, ...]: for block j, blocks j + o side by
+    side (o in ``offsets``), ``fill`` where j + o is outside [0, nb)."""
+    nb = x.shape[1]
+    pad = [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad, constant_values=fill)
+    return jnp.concatenate([x[:, 1 + o:1 + o + nb] for o in offsets], axis=2)
+
+
+def _shift_blocks(x: jnp.ndarray, o: int, fill) -> jnp.ndarray:
+    """x [B, nb, ...] -> y with y[:, j] = x[:, j + o], ``fill`` where j + o is outside [0, nb)."""
+    nb = x.shape[1]
+    pad = [(0, 0), (max(-o, 0), max(o, 0))] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad, constant_values=fill)[:, max(o, 0):max(o, 0) + nb]
+
+
+def _block_carries(kb: jnp.ndarray, vb: jnp.ndarray, rb: jnp.ndarray,
+                   is_causal: bool) -> list[tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]:
+    """The keys at least two blocks away, as carried partial sums: for query block j, the keys
+    of blocks <= j - 2 in the run of block j - 2's last token, up to that token (and without
+    ``is_causal`` also the keys of blocks >= j + 2 in the run of block j + 2's first token).
+    kb, vb: [B, nb, c, D]; rb: [B, nb, c] run numbers (-1 never a run).
+    -> per direction (run [B, nb], max m [B, nb, D] of K over those keys, [num, den]
+    [B, nb, 2, D] shifted by m), run -1 where there is no such block.
+
+    Each block is summarised alone ([B, nb, c, D] masked sums), then merged by the segmented
+    log-sum-exp scan of AFT-simple (``_lse_scan``) over the nb blocks; the later keys are the
+    same scan on the time-reversed blocks, stacked on the batch axis (one scan for both)."""
+    b = kb.shape[0]
+    views = (kb, vb, rb)
+    if not is_causal:  # time-reversed copy: blocks and tokens in blocks flipped
+        views = tuple(jnp.concatenate([x, jnp.flip(x, axis=(1, 2))]) for x in views)
+    kb, vb, rb = views
+    edge = rb[:, :, -1]  # the run of each block's last token
+    member = (rb == edge[:, :, None])[..., None]  # [., nb, c, 1]
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(member, kb, -jnp.inf), axis=2))  # [., nb, D]
+    e = jnp.where(member, jnp.exp(jnp.where(member, kb - m[:, :, None], 0.0)), 0.0)
+    nd = jnp.stack([jnp.sum(e * vb, axis=2), jnp.sum(e, axis=2)], axis=2)  # [., nb, 2, D]
+    # A block starts a new partial sum when its run does not reach into the block before.
+    starts = edge != _shift_blocks(edge, -1, -1)
+    _, m, nd = _lse_scan((starts[:, :, None, None], m[:, :, None], nd))
+    # Block j takes the partial sum of block j - 2.
+    out = (_shift_blocks(edge, -2, -1), _shift_blocks(m[:, :, 0], -2, 0.0),
+           _shift_blocks(nd, -2, 0.0))
+    if is_causal:
+        return [out]
+    return [tuple(x[:b] for x in out), tuple(jnp.flip(x[b:], axis=1) for x in out)]
+
+
 def aft_local(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, w: jnp.ndarray, *, window: int,
               is_causal: bool = False, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     """AFT-local: ``aft_full`` with w zeroed where |t - t'| >= window (those keys still count,
-    with bias 0). window: int >= 1 (1 keeps only the diagonal of w). -> [B, T, D]."""
-    return aft_full(q, k, v, local_bias(w, window), is_causal=is_causal,
-                    segment_ids=segment_ids)
+    with bias 0), in O(T * window * D) time and memory, no [T, T] array.
+    q, k, v: [B, T, D]; w: [T, T], or any larger table (its top-left [T, T] is meant; only the
+    entries with |t - t'| < window are read); window: int >= 1 (1 keeps only the diagonal of w);
+    segment_ids: [B, T] int or None. -> [B, T, D] in q's dtype.
+
+    The paper's split (its AFT-local paragraph), sum over all keys + sum over the window of
+    (exp(w) - 1) exp(K) V, is computed in the equivalent form without the subtraction: sum over
+    the keys outside the window of exp(K) V + sum over the window of exp(w + K) V. The sequence
+    is cut into blocks of c = max(window, 16) tokens (padded at the end; one block when that
+    covers T). Query block j takes its neighbour blocks directly, as one matmul per block:
+    A [c, n] @ [exp(K - mu) V, exp(K - mu)] [n, 2D] (mu: below), with the keys of blocks
+    j - 1, j (n = 2c, causal) or j - 1, j, j + 1 (n = 3c), A = exp(w - r) inside the window and
+    exp(0 - r) outside, 0 for hidden pairs. Every key further away is outside the window and
+    enters through one carried partial sum: the keys in blocks <= j - 2 of the query's run,
+    from a segmented log-sum-exp scan over the nb blocks (and, non-causal, the keys in blocks
+    >= j + 2, from the same scan over the reversed blocks).
+
+    Shifts, as in ``aft_full`` but local: r per query (the max of its visible biases, 0
+    included when it sees keys outside the window); for K a power of two, exp(K) =
+    exp(K - e ln 2) 2^e with e = floor(K / ln 2) per key, the neighbour keys scaled by 2^(e - E),
+    E their max e per query block and channel; each carried sum keeps its own max of K; all are
+    brought to the larger of E and the carried exponents per query and channel, and the final
+    division is done at den's own power of two. They cancel in the ratio and keep every term
+    <= 2 (no overflow for any K or w). As the shifts of K are powers of two, applied by exact
+    multiplications, a causal row's output does not depend on later tokens bit for bit (E takes
+    in the later tokens of its block). Limit (float32): a row underflows to 0/0 only when all
+    its visible terms are below ~2^-126 against those shifts, i.e. a spread of K above ~87
+    between the keys a row sees and a key of its neighbour blocks that it does not see (a later
+    token of its own block when causal, or another document's), uncompensated by w; ``aft_full``
+    has the same limit with the max over the whole sequence.
+    Memory: O(B T (c + D)) (A is [B|1, T, n], no [T, n, D] array), time O(B T c D).
+    """
+    _check_qkv(q, k, v, segment_ids)
+    _check_window(window)
+    b, t, d = q.shape
+    if w.ndim != 2 or w.shape[0] < t or w.shape[1] < t:
+        raise ValueError(f"w must be [T, T] = ({t}, {t}) or a larger table; got {w.shape}")
+    s = min(window, t)
+    c = max(s, _MIN_BLOCK)
+    c = t if c >= t else c
+    nb = -(-t // c)
+    tp = nb * c
+    if segment_ids is None:  # one run (1); batch 1, so that A is shared by the batch
+        runs = jnp.ones((1, t), jnp.int32)
+    else:
+        runs = jnp.cumsum(run_starts(segment_ids), axis=1, dtype=jnp.int32)  # runs from 1
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    if tp > t:  # padding: run 0, a run of its own that no real token sees
+        kf, vf = (jnp.pad(x, ((0, 0), (0, tp - t), (0, 0))) for x in (kf, vf))
+        runs = jnp.pad(runs, ((0, 0), (0, tp - t)))
+    kb, vb = kf.reshape(b, nb, c, d), vf.reshape(b, nb, c, d)
+    rb = runs.reshape(runs.shape[0], nb, c)  # [B|1, nb, c]
+
+    # The neighbour blocks of each query block: keys [B, nb, n, D], n = len(offsets) * c.
+    offsets = tuple(o for o in ((-1, 0) if is_causal else (-1, 0, 1)) if abs(o) < nb)
+    kc, vc = _neighbour_blocks(kb, offsets, 0.0), _neighbour_blocks(vb, offsets, 0.0)
+    rc = _neighbour_blocks(rb, offsets, -1)  # -1: outside the sequence, in no run
+    # Positions from iota (jnp, not numpy: no [nb, c, n] constants in the program).
+    qpos = jnp.arange(tp).reshape(nb, c)
+    kpos = jnp.concatenate([qpos + o * c for o in offsets], axis=1)  # [nb, n]
+    rel = kpos[:, None, :] - qpos[:, :, None]  # t' - t, [nb, c, n]
+    near = (jnp.abs(rel) < s) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < t) & (
+        qpos[:, :, None] < t)
+    # The band of w, gathered: [nb, c, n], 0 outside the window (indices there point at w[0, 0]).
+    rows = jnp.where(near, qpos[:, :, None], 0)
+    cols = jnp.where(near, kpos[:, None, :], 0)
+    wb = jnp.where(near, w[rows, cols].astype(jnp.float32), 0.0)
+    visible = rc[:, :, None, :] == rb[:, :, :, None]  # [B|1, nb, c, n]: same run (in range)
+    if is_causal:
+        visible = visible & (rel <= 0)
+    r = jnp.max(jnp.where(visible, wb, -jnp.inf), axis=-1)  # [B|1, nb, c]
+    # K's shift, in powers of two: exp(K) = exp(K - e ln 2) 2^e with e = floor(K / ln 2) per
+    # key, and the neighbour blocks' keys scaled by the exact 2^(e - E), E = their max e.
+    real = (rc > 0)[..., None]  # [B|1, nb, n, 1]: real tokens (not padding, in range)
+    e = jax.lax.stop_gradient(jnp.where(real, jnp.floor(kc / _LN2), -2 ** 20).astype(jnp.int32))
+    big_e = jnp.max(e, axis=2, keepdims=True)  # [B, nb, 1, D]
+    top = big_e  # the row's exponent: max of E and the carried sums' (ceil of max / ln 2)
+
+    # Keys of the query's run in blocks <= j - 2 (and >= j + 2): one carried sum each.
+    carries = []
+    if nb >= 3:
+        for run, m, nd in _block_carries(kb, vb, jnp.broadcast_to(rb, (b, nb, c)), is_causal):
+            # [B|1, nb, c]: the carry is of the query's run (one run for all rows: batch 1)
+            uses = run[:rb.shape[0], :, None] == rb
+            r = jnp.where(uses, jnp.maximum(r, 0.0), r)  # its keys are outside the window
+            uses = uses[..., None]
+            f = jnp.ceil(m / _LN2).astype(jnp.int32)[:, :, None]  # [B, nb, 1, D]
+            carries.append((uses, m[:, :, None], f, nd[:, :, None]))
+            top = jnp.maximum(top, jnp.where(uses, f, -2 ** 20))
+    r = jax.lax.stop_gradient(r)  # it cancels in the ratio
+
+    a = jnp.where(visible, jnp.exp(jnp.where(visible, wb - r[..., None], 0.0)), 0.0)
+    mant = jnp.where(real, jnp.exp(jnp.where(real, kc - e * _LN2, 0.0)), 0.0)  # [1, 2)
+    ek = mant * _pow2(e - big_e)  # [B, nb, n, D], exact scaling
+    stacked = jnp.concatenate([ek * vc, ek], axis=-1)  # [B, nb, n, 2D]
+    if a.shape[0] == 1:
+        sums = jnp.einsum("jtn,bjnd->bjtd", a[0], stacked)
+    else:
+        sums = jnp.einsum("bjtn,bjnd->bjtd", a, stacked)
+    num, den = jnp.split(sums * jnp.tile(_pow2(big_e - top), 2), 2, axis=-1)  # [B, nb, c, D]
+    for uses, m, f, nd in carries:
+        # exp(m - r - top ln 2) as exp(m - f ln 2 - r) (this row's own numbers) times 2^(f - top)
+        scale = jnp.exp(jnp.where(uses, m - f * _LN2 - r[..., None], 0.0)) * _pow2(f - top)
+        scale = jnp.where(uses, scale, 0.0)
+        num = num + scale * nd[:, :, :, 0]
+        den = den + scale * nd[:, :, :, 1]
+    if tp > t:  # the padded rows see no real key: 0 / 0, kept out of the gradient too
+        den = jnp.where((qpos < t)[:, :, None], den, 1.0)
+    # Divide at a scale near 1: both times 2^-exponent(den), exact, so that a small den (a
+    # row far below its block's shift) does not overflow den^2 in the gradient.
+    unit = _pow2(-jnp.frexp(jax.lax.stop_gradient(den))[1])
+    mixed = ((num * unit) / (den * unit)).reshape(b, tp, d)[:, :t]
+    return (jax.nn.sigmoid(q.astype(jnp.float32)) * mixed).astype(q.dtype)
 
 
 def _lse_merge(a: tuple, b: tuple) -> tuple:
@@ -153,9 +338,17 @@ def _prefix_sums(k: jnp.ndarray, v: jnp.ndarray, starts: jnp.ndarray) -> jnp.nda
     earlier; ceil(log2 T) elementwise steps over [B, T, 3, D], O(T D log T) work, depth log T.
     One loop body (``fori_loop``, a rolled shift): unrolled steps or
     ``jax.lax.associative_scan`` took 2-4x longer to compile with their gradient on CPU."""
-    t = k.shape[1]
     # start [B, T, 1, 1], max [B, T, 1, D], (num, den) [B, T, 2, D]
     state = (starts[:, :, None, None], k[:, :, None], jnp.stack([v, jnp.ones_like(v)], axis=2))
+    state = _lse_scan(state)
+    return state[2][:, :, 0] / state[2][:, :, 1]
+
+
+def _lse_scan(state: tuple) -> tuple:
+    """The segmented scan of ``_lse_merge`` along axis 1 of (start [B, T, 1, 1], max
+    [B, T, 1, D], [num, den] [B, T, 2, D]): each position gets the merge of every position up to
+    it since the last start. A doubling scan, ceil(log2 T) steps (see ``_prefix_sums``)."""
+    t = state[0].shape[1]
     position = jnp.arange(t)[None, :, None, None]
 
     def step(i: jnp.ndarray, state: tuple) -> tuple:
@@ -164,8 +357,7 @@ def _prefix_sums(k: jnp.ndarray, v: jnp.ndarray, starts: jnp.ndarray) -> jnp.nda
         keep = position >= offset  # earlier positions have no partner; the roll wrapped there
         return tuple(jnp.where(keep, y, x) for x, y in zip(state, merged, strict=True))
 
-    state = jax.lax.fori_loop(0, max(1, (t - 1).bit_length()), step, state)
-    return state[2][:, :, 0] / state[2][:, :, 1]
+    return jax.lax.fori_loop(0, max(1, (t - 1).bit_length()), step, state)
 
 
 def aft_simple(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, is_causal: bool = False,
@@ -268,10 +460,12 @@ class AFT(nnx.Module):
         if self.variant == "simple":
             out = aft_simple(q, k, v, is_causal=is_causal, segment_ids=segment_ids)
         else:
-            w = self.pos_bias[...][:t, :t]
-            if self.variant == "local":
-                w = local_bias(w, self.window)
-            out = aft_full(q, k, v, w, is_causal=is_causal, segment_ids=segment_ids)
+            if self.variant == "local":  # reads the band of the whole table, no [T, T] slice
+                out = aft_local(q, k, v, self.pos_bias[...], window=self.window,
+                                is_causal=is_causal, segment_ids=segment_ids)
+            else:
+                out = aft_full(q, k, v, self.pos_bias[...][:t, :t], is_causal=is_causal,
+                               segment_ids=segment_ids)
         y = out.reshape(b * t, d) @ self.w_out[...].astype(self.dtype)
         if self.b_out is not None:
             y = y + self.b_out[...].astype(self.dtype)

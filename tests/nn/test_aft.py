@@ -265,3 +265,104 @@ def test_module_causal_output_ignores_later_tokens(variant):
                               segment_ids=jnp.ones((B, T), jnp.int32))[0]) for a in (x, x2))
     np.testing.assert_allclose(y[:, :9], y2[:, :9], rtol=1e-6, atol=1e-7)  # rounding only
     assert np.abs(y[:, 9:] - y2[:, 9:]).max() > 1e-3
+
+
+# AFT-local in its O(T * window * D) form, on sequences of several blocks (blocks of
+# max(window, 16) tokens), against its definition written densely: aft_full with w zeroed
+# outside the window, [T, T].
+TL = 56
+SEGS_L = np.array([[1] * 9 + [2] * 3 + [3] * 30 + [4] * 14, [5] * TL])
+
+
+def dense_local(q, k, v, w, window, is_causal=False, segment_ids=None):
+    """The old aft_local, in plain jnp: softmax over t' of K_t' + w_{t,t'} (w zeroed where
+    |t - t'| >= window) over the visible keys, [B, T, T, D]."""
+    t = q.shape[1]
+    i = jnp.arange(t)
+    w = jnp.where(jnp.abs(i[:, None] - i[None, :]) < window, w, 0.0)
+    visible = jnp.ones((1, t, t), bool)
+    if is_causal:
+        visible = visible & (i[None, :, None] >= i[None, None, :])
+    if segment_ids is not None:  # each id one contiguous run here
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    logits = jnp.where(visible[..., None], k[:, None] + w[None, :, :, None], -jnp.inf)
+    mixed = jnp.sum(jax.nn.softmax(logits, axis=2) * v[:, None], axis=2)
+    return jax.nn.sigmoid(q) * mixed
+
+
+def local_inputs(seed, k_scale=3.0, k_shift=0.0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, TL, D)).astype(np.float32) for _ in range(3))
+    w = 3.0 * rng.standard_normal((TL, TL)).astype(np.float32)
+    return q, (k_scale * k + k_shift).astype(np.float32), v, w
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_local_banded_equals_dense_definition_and_gradients(is_causal):
+    q, k, v, w = local_inputs(20, k_shift=40.0)
+    # window 1: blocks of 16 (4 blocks, 8 padded tokens); 17: blocks of 17 (12 padded) without
+    # packing; TL + 5: one block. Blocks two or more away enter through the carried sums.
+    compiled = {}
+    for window, segs in ((1, SEGS_L), (17, None), (TL + 5, SEGS_L)):
+        jsegs = None if segs is None else jnp.asarray(segs)
+
+        def loss(q, k, v, w, fn, window=window, segs=jsegs):
+            y = fn(q, k, v, w, window=window, is_causal=is_causal, segment_ids=segs)
+            return jnp.sum(y * v), y
+
+        grad = compiled[window] = jax.jit(
+            jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True), static_argnums=4)
+        (_, got), g_got = grad(q, k, v, w, aft_local)
+        (_, want), g_want = grad(q, k, v, w, dense_local)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_got, g_want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # K from -80 to 80 over time, rising and falling: a spread far beyond exp's float32 range
+    # across blocks (each carried sum keeps its own max), ~50 within a block. Same shapes as
+    # above: no new compile. Against the float64 loop.
+    for ramp in (np.linspace(-80, 80, TL), np.linspace(80, -80, TL)):
+        spread = (ramp[None, :, None] + 0.5 * (k - 40.0)).astype(np.float32)
+        (_, got), _ = compiled[17](q, spread, v, w, aft_local)
+        want = naive_aft(q, spread, v, np_local(w, 17), is_causal)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_local_multiblock_causal_reads_no_later_token():
+    q, k, v, w = local_inputs(21)
+    cut = 37  # inside a block of 16
+    q2, k2, v2 = (a.copy() for a in (q, k, v))
+    for a in (q2, k2, v2):
+        a[:, cut + 1:] += 5.0 * np.random.default_rng(22).standard_normal(a[:, cut + 1:].shape)
+    w2 = w.copy()
+    w2[:, cut + 1:] += 50.0  # biases towards later keys: never read by a causal row
+    fn = jax.jit(aft_local, static_argnames=("window", "is_causal"))
+    y, y2 = (np.asarray(fn(*x, window=5, is_causal=True))
+             for x in ((q, k, v, w), (q2, k2, v2, w2)))
+    # Later tokens of the same block enter only the block's shift of K, a power of two that
+    # scales numerator and denominator exactly: bit for bit the same.
+    np.testing.assert_array_equal(y[:, :cut + 1], y2[:, :cut + 1])
+    assert np.abs(y[:, cut + 1:] - y2[:, cut + 1:]).min() > 0
+    # Non-causal, the last tokens reach the first (blocks apart: the reversed carried sum).
+    y, y2 = (np.asarray(fn(*x, window=5)) for x in ((q, k, v, w), (q2, k2, v2, w)))
+    assert np.abs(y[:, :16] - y2[:, :16]).min() > 0
+
+
+def test_local_memory_is_linear_in_length():
+    # XLA's buffer plan for the gradient (wrt q, k, v) of the summed output, batch 1, 16
+    # channels, window 32, causal: temporaries grow with T, 4x for 4x the length (measured
+    # 1.2 -> 4.7 MiB), where the old [T, T] form grew 16x (8.2 -> 128.8 MiB). w [T, T] is an
+    # argument (64 MiB at 4096), not a temp.
+    def temp_bytes(t):
+        x = jax.ShapeDtypeStruct((1, t, 16), jnp.float32)
+        w = jax.ShapeDtypeStruct((t, t), jnp.float32)
+        grad = jax.grad(lambda q, k, v, w: jnp.sum(aft_local(q, k, v, w, window=32,
+                                                             is_causal=True)),
+                        argnums=(0, 1, 2))
+        analysis = jax.jit(grad).lower(x, x, x, w).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("no memory analysis on this backend")
+        return analysis.temp_size_in_bytes
+
+    small, large = temp_bytes(1024), temp_bytes(4096)
+    assert large <= 5 * small, (small, large)
+    assert large < 16 * 2**20  # one [4096, 4096] float32 array alone would be 64 MiB
