@@ -59,7 +59,7 @@ class ModelConfig:
     num_labels: int = 0  # >0: a pooled sequence-classification head with this many classes
     # With num_labels: classify PAIRS of sequences, each encoded on its own by the same encoder
     # (LRA's two-tower retrieval); the classifier reads [u, v, u*v, u-v] of the two pooled
-    # first tokens. Rows hold the two sequences one after the other.
+    # states (model.pooling). Rows hold the two sequences one after the other.
     two_tower: bool = False
     # What the classifier's pooler reads: first (BERT's [CLS], the first token's final state)
     # | mean (the mean final state over the row's real tokens, segment id > 0)

@@ -115,6 +115,10 @@ SEPARATE: dict[str, dict[object, Recipe]] = {
     "model.attention_type": ATTENTION_TYPES,
     "model.arch": {"decoder": OBJECTIVES["causal"], "encoder": OBJECTIVES["masked_lm"],
                    "encoder_decoder": OBJECTIVES["span_corruption"]},
+    # what the classifier's pooler reads: only a classifier has one
+    "model.pooling": {"first": OBJECTIVES["classification"],
+                      "mean": (OBJECTIVES["classification"][0],
+                               (*OBJECTIVES["classification"][1], "model.pooling=mean"))},
 }
 # Choice-valued keys that are not in _CHOICES (booleans), covered the same way.
 EXTRA_CHOICES = {"model.scan_layers": (False, True)}

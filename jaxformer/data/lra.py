@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxformer.data.classification import package_files
 from jaxformer.data.errors import DataError
 from jaxformer.data.packing import stack_examples
 
@@ -306,7 +307,6 @@ def package_bytes() -> tuple[tuple[str, ...], list[list[np.ndarray]], list[list[
     """-> (class names, per class the byte tokens (2 + byte, int32) of its training files, and
     of its held-out files): the TEXT_CLASSES largest stdlib packages, files of at least
     MIN_FILE_BYTES, every fifth file of a package (sorted by path) held out."""
-    from jaxformer.data.classification import package_files  # the stdlib walk, shared
     names, files = package_files(TEXT_CLASSES)
     train: list[list[np.ndarray]] = []
     held: list[list[np.ndarray]] = []
