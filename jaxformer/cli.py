@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
                    help="text to continue, or an encoder-decoder's source (repeatable: one "
                    "batch; default: none, a new document)")
+    p.add_argument("--audio", action="append", default=[], metavar="WAV|heldout:K",
+                   help="a speech run's input (repeatable: one batch): a 16-bit PCM WAV file "
+                   "at the model's sample rate, or clip K of the run's held-out set; the "
+                   "transcript is printed (docs/speech.md)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--seed", type=int, default=0)
@@ -319,8 +323,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.from_hf is not None:
         cfg = hf_to_run_dir(args.from_hf, args.out)
         m = cfg.model
-        print(f"wrote run dir {args.out}: {m.n_layers} layers, d_model {m.d_model}, vocab "
-              f"{m.vocab_size}; fine-tune with --set train.init_from={args.out}")
+        inputs = (f"{m.image_size}x{m.image_size}x{m.image_channels} images in "
+                  f"{m.patch_size}x{m.patch_size} patches, {m.num_labels} classes"
+                  if m.patch_size > 0 else f"vocab {m.vocab_size}")
+        print(f"wrote run dir {args.out}: {m.n_layers} layers, d_model {m.d_model}, {inputs}; "
+              f"fine-tune with --set train.init_from={args.out}")
     else:
         run_dir_to_hf(args.to_hf, args.out, args.step)
         print(f"wrote {args.out} ({', '.join(sorted(p.name for p in args.out.iterdir()))})")

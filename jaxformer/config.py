@@ -40,7 +40,8 @@ class ModelConfig:
     vocab_size: int = 8192
     d_ff: int = 0  # 0 means 4 * d_model, or 8/3 * d_model (multiple of 8) for gated activations
     max_len: int = 1024  # longest sequence the position table (and the KV cache) supports
-    # learned | sinusoidal | rope | alibi | t5_relative | shaw | none
+    # learned | sinusoidal | sinusoidal_2d (images: sin-cos over each patch's row and column)
+    # | rope | alibi | t5_relative | shaw | none
     pos_encoding: str = "learned"
     sinusoidal_base: float = 10000.0
     rope_theta: float = 10000.0
@@ -64,6 +65,22 @@ class ModelConfig:
     # What the classifier's pooler reads: first (BERT's [CLS], the first token's final state)
     # | mean (the mean final state over the row's real tokens, segment id > 0)
     pooling: str = "first"
+    # With num_labels: a dense D->D + tanh over the pooled state before the classifier (BERT's
+    # pooler); False: the classifier reads the pooled state itself (ViTForImageClassification)
+    pooler: bool = True
+    # Vision Transformer (Dosovitskiy et al. 2021; docs/vision.md): > 0 makes the encoder read
+    # images [B, image_size, image_size, image_channels] as non-overlapping patch_size x
+    # patch_size patches, each flattened and mapped linearly to d_model (a strided
+    # convolution), after a learned [CLS] token when pooling='first'; no token table. 0: tokens.
+    patch_size: int = 0
+    image_size: int = 0  # with patch_size: the side of the square images, in pixels
+    image_channels: int = 0  # with patch_size: channels per pixel (1 grey, 3 RGB)
+    # Whisper-style speech recognizer (Radford et al. 2022; docs/speech.md): > 0 makes an
+    # encoder_decoder's encoder read audio waves as a log-Mel spectrogram of this many channels
+    # (25 ms windows, 10 ms hop), two kernel-3 convolutions with GELU (the second of stride 2)
+    # and fixed sinusoidal positions; the decoder reads tokens as before. 0: tokens.
+    audio_mels: int = 0
+    audio_sample_rate: int = 16000  # with audio_mels: the sample rate the front end expects
     scale_tied_logits: bool = False  # tied un-embedding of d_model^-0.5 * x (T5 v1.0)
     sliding_window: int = 0  # >0: each token sees this many keys, itself included (Mistral)
     attention_scale: float = 0.0  # 0 means 1/sqrt(head_dim); T5 uses 1
@@ -137,6 +154,14 @@ class ModelConfig:
     def ff_width(self) -> int:
         return self.d_ff or default_d_ff(self.d_model, self.activation)
 
+    @property
+    def image_tokens(self) -> int:
+        """The length of an image encoder's rows: its patches, plus the [CLS] token that
+        ``pooling='first'`` reads (0 for a token model)."""
+        if self.patch_size <= 0:
+            return 0
+        return (self.image_size // self.patch_size) ** 2 + (self.pooling == "first")
+
 
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 
@@ -169,6 +194,14 @@ class DataConfig:
     val_fraction: float = 0.05  # share of *documents* held out for validation
     seed: int = 0  # shuffles documents (split, order); independent of the training seed
     cache_dir: str = ""  # "" means $JAXFORMER_CACHE or ~/.cache/jaxformer
+    # Image sources (model.patch_size > 0): each training image moved by a random offset of up
+    # to this many pixels along each axis (zeros shifted in), a pure function of (seed, step,
+    # row); held-out images are never moved. 0: off.
+    image_shift: int = 0
+    # Audio sources (data.source='speech:<name>', model.audio_mels > 0): the clips' sample rate
+    # and the longest clip in seconds (batches are padded with silence to it).
+    sample_rate: int = 16000
+    clip_seconds: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,8 +484,8 @@ def _type_name(typ: Any) -> str:
 # Choice-valued keys. ``objective.kind`` joins when jaxformer.objectives registers its
 # objectives (register_choices), as do the checks they own (register_check).
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.pos_encoding": ("learned", "sinusoidal", "rope", "alibi", "t5_relative", "shaw",
-                           "none"),
+    "model.pos_encoding": ("learned", "sinusoidal", "sinusoidal_2d", "rope", "alibi",
+                           "t5_relative", "shaw", "none"),
     "model.arch": ("decoder", "encoder", "encoder_decoder"),
     "model.attention_type": ("mha", "mla", "longformer", "bigbird", "performer", "rfa",
                              "linear", "lsh", "aft_full", "aft_local", "aft_simple"),
@@ -524,7 +557,8 @@ def validate(cfg: Config) -> Config:
     for key in ("train.schedule_steps", "sample.count", "model.d_ff", "model.head_dim",
                 "model.sliding_window", "model.n_decoder_layers", "model.type_vocab_size",
                 "model.num_labels", "model.kv_lora_rank", "model.q_lora_rank",
-                "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim"):
+                "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim",
+                "model.patch_size", "model.image_size", "model.image_channels"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
     if m.attention_type == "mla" and (
@@ -554,6 +588,8 @@ def validate(cfg: Config) -> Config:
                           f"objective.kind='classification' (got {m.arch!r}, {m.num_labels}, "
                           f"{cfg.objective.kind!r})")
     validate_memory_savers(m)
+    validate_image_model(cfg)
+    validate_audio_model(cfg)
     validate_mesh(cfg.mesh)
     validate_loss_options(cfg)
     validate_attention_family(cfg)
@@ -614,6 +650,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.max_bad_steps": (1, None, True, False),
     "train.seed": (0, None, True, False),
     "data.seed": (0, None, True, False),
+    "data.image_shift": (0, None, True, False),
     "eval.batches": (0, None, True, False),
     "checkpoint.grace_period": (0, None, False, False),
     "sample.max_new_tokens": (0, None, True, False),
@@ -719,6 +756,87 @@ def validate_attention_family(cfg: Config) -> None:
         raise ConfigError(f"{where} needs an even model.lsh_buckets (got {m.lsh_buckets}) and "
                           f"one key head per query head (model.n_kv_heads=0, got "
                           f"{m.n_kv_heads})")
+
+
+def validate_image_model(cfg: Config) -> None:
+    """An image encoder (``model.patch_size > 0``, a ViT) and the 2-D sin-cos positions: an
+    encoder classifier of square images cut into whole patches, whose rows (patches, + [CLS])
+    are ``data.seq_len`` long and fit ``model.max_len``."""
+    m = cfg.model
+    if m.pos_encoding == "sinusoidal_2d" and (m.patch_size <= 0 or m.d_model % 4):
+        raise ConfigError(f"model.pos_encoding='sinusoidal_2d' encodes the rows and columns of "
+                          f"image patches: it needs model.patch_size > 0 and a model.d_model "
+                          f"divisible by 4 (got {m.patch_size} and {m.d_model})")
+    if m.patch_size <= 0:
+        if cfg.data.image_shift > 0:
+            raise ConfigError(f"data.image_shift={cfg.data.image_shift} moves training images: "
+                              "it needs an image encoder (model.patch_size > 0); set "
+                              "data.image_shift=0")
+        return
+    where = f"model.patch_size={m.patch_size} (an image encoder)"
+    if m.arch != "encoder" or m.num_labels < 2 or m.two_tower:
+        raise ConfigError(f"{where} classifies images: it needs model.arch='encoder' and "
+                          f"model.num_labels >= 2 without two_tower (got {m.arch!r}, "
+                          f"{m.num_labels}, two_tower={m.two_tower})")
+    if m.image_size <= 0 or m.image_channels <= 0:
+        raise ConfigError(f"{where} needs model.image_size > 0 and model.image_channels > 0 "
+                          f"(got {m.image_size} and {m.image_channels})")
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} is not divisible by "
+                          f"model.patch_size={m.patch_size}: the patches must tile the image")
+    n_patches = (m.image_size // m.patch_size) ** 2
+    what = f"{n_patches} patches" + (" + [CLS]" if m.pooling == "first" else "")
+    if m.max_len < m.image_tokens:
+        raise ConfigError(f"model.max_len={m.max_len} is shorter than an image's "
+                          f"{m.image_tokens} tokens ({what} of {m.image_size}x{m.image_size} "
+                          f"pixels); set model.max_len >= {m.image_tokens}")
+    if cfg.data.image_shift >= m.image_size:
+        raise ConfigError(f"data.image_shift={cfg.data.image_shift} would move images of "
+                          f"model.image_size={m.image_size} pixels out of view; it must be "
+                          "smaller than the image")
+    if cfg.data.seq_len != m.image_tokens:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be an image's token count with "
+                          f"{where}: set data.seq_len={m.image_tokens} ({what})")
+
+
+AUDIO_HOP = 160  # samples per spectrogram frame (Whisper's 10 ms at 16 kHz)
+
+
+def audio_encoder_frames(n_samples: int) -> int:
+    """Encoder positions of a clip of ``n_samples``: its N // 160 spectrogram frames, halved
+    (rounded up) by the stride-2 convolution."""
+    return (n_samples // AUDIO_HOP + 1) // 2
+
+
+def validate_audio_model(cfg: Config) -> None:
+    """An audio encoder (``model.audio_mels > 0``): an encoder-decoder whose front end's sample
+    rate is the data's and whose longest clip fits ``model.max_len`` encoder frames."""
+    m, d = cfg.model, cfg.data
+    for key in ("model.audio_mels", "model.audio_sample_rate", "data.sample_rate"):
+        if get_key(cfg, key) < (0 if key == "model.audio_mels" else 1):
+            raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be "
+                              f"{'>= 0' if key == 'model.audio_mels' else 'positive'}")
+    if not _finite(d.clip_seconds) or d.clip_seconds <= 0:
+        raise ConfigError(f"bad value for data.clip_seconds: {d.clip_seconds} must be positive")
+    if m.audio_mels <= 0:
+        return
+    where = f"model.audio_mels={m.audio_mels} (an audio encoder)"
+    if m.arch != "encoder_decoder" or m.patch_size > 0:
+        raise ConfigError(f"{where} transcribes speech: it needs model.arch='encoder_decoder' "
+                          f"without model.patch_size (got {m.arch!r}, {m.patch_size})")
+    if cfg.objective.kind != "transcription":
+        raise ConfigError(f"{where} is trained by objective.kind='transcription' (got "
+                          f"{cfg.objective.kind!r})")
+    if d.sample_rate != m.audio_sample_rate:
+        raise ConfigError(f"data.sample_rate={d.sample_rate} Hz: the audio front end is "
+                          f"configured for model.audio_sample_rate={m.audio_sample_rate} Hz; "
+                          "resample the data or set both to the same rate")
+    samples = int(round(d.clip_seconds * d.sample_rate))
+    frames = audio_encoder_frames(samples)
+    if frames > m.max_len:
+        raise ConfigError(f"data.clip_seconds={d.clip_seconds} is {frames} encoder frames "
+                          f"({samples // AUDIO_HOP} spectrogram frames, stride 2), more than "
+                          f"model.max_len={m.max_len}; set model.max_len >= {frames}")
 
 
 def validate_memory_savers(m: ModelConfig) -> None:

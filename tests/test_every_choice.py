@@ -5,7 +5,8 @@ evaluation, checkpoint), not only a module's forward pass, for two steps of a ti
 The choices come from the code (``jaxformer.config._CHOICES``), so a choice added later is a
 new test case here without editing this file. Most keys need nothing but ``key=choice`` on a
 tiny GPT (``GENERIC``); some choices need a few more overrides on it (MLA's widths, MoE for the
-expert mesh preset), and objectives and architectures need an experiment of their own; a key
+expert mesh preset), and objectives, architectures and the choices only an image encoder takes
+(``OWN_RECIPE``: the 2-D sin-cos positions) need an experiment of their own; a key
 or choice without a recipe fails ``test_every_choice_has_a_recipe`` with its name. Attention
 kernels that cannot run on this backend must end in a ``UserError`` before the run dir is
 touched.
@@ -79,11 +80,23 @@ OBJECTIVES: dict[object, Recipe] = {
                                     "model.n_decoder_layers=1")),
     # synthetic sequence reversal: its own vocabulary and lengths, no corpus
     "seq2seq": ("transformer_2017", ("model.dropout=0",)),
+    # synthesized Morse-code speech -> its transcript: audio batches, no corpus
+    "transcription": ("speech_tiny", ("model.dropout=0", "model.audio_mels=16",
+                                      "data.seq_len=7")),
     # which of 2 stdlib packages a snippet is from; trained from scratch here
     "classification": ("bert_classify", (*TEXT, "model.num_labels=2", "train.init_from=",
                                          "model.dropout=0")),
 }
 BERT: Recipe = OBJECTIVES["masked_lm"]
+# A Vision Transformer on the bundled 8x8 digits (no corpus): its own lengths and shapes.
+VIT: Recipe = ("vit_digits", ())
+
+# Choices of a COMBINABLE key that mean nothing on the tiny GPT: each trains by its own
+# recipe and stays out of the combinations.
+OWN_RECIPE: dict[tuple[str, object], Recipe] = {
+    ("model.pos_encoding", "sinusoidal_2d"): (VIT[0], (*VIT[1],
+                                                       "model.pos_encoding=sinusoidal_2d")),
+}
 
 
 def family(recipe: Recipe, name: str, *extra: str) -> Recipe:
@@ -154,7 +167,9 @@ def combinable_overrides(key: str, choice: object) -> tuple[str, ...]:
 
 
 def runnable_choices(key: str) -> list[object]:
-    return [choice for choice in ALL_CHOICES[key] if runs_here(key, choice)]
+    """The choices of a combinable key that the combinations cycle through."""
+    return [choice for choice in ALL_CHOICES[key]
+            if runs_here(key, choice) and (key, choice) not in OWN_RECIPE]
 
 
 N_COMBINATIONS = max(len(runnable_choices(key)) for key in COMBINABLE)
@@ -168,7 +183,8 @@ def combination(i: int) -> dict[str, object]:
 def build_config(recipe: Recipe, corpus: Path) -> config_lib.Config:
     experiment, overrides = recipe
     cfg = config_lib.load_experiment(EXPERIMENTS / f"{experiment}.py")
-    data = () if cfg.data.source.startswith("synthetic:") else (f"data.source={corpus}",)
+    generated = cfg.data.source.startswith(("synthetic:", "image:", "speech:"))  # no corpus
+    data = () if generated else (f"data.source={corpus}",)
     return config_lib.apply_overrides(cfg, [*TINY, *data, *overrides])
 
 
@@ -260,6 +276,9 @@ def test_combination_trains(i, trained):
 
 @pytest.mark.parametrize("key,choice", CASES, ids=[override(k, v) for k, v in CASES])
 def test_choice_trains(key, choice, trained):
+    if (key, choice) in OWN_RECIPE:
+        trained(OWN_RECIPE[key, choice]).check((key, choice))
+        return
     if key in SEPARATE:
         recipes = SEPARATE[key]
         if choice not in recipes:

@@ -21,11 +21,14 @@ def test_experiment_runs_one_step(path, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=200)
     overrides = ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2", "eval.batches=1",
                  "data.val_fraction=0.1", "sample.count=0", "train.init_from="]
-    if not cfg.data.source.startswith(("synthetic:", "lra:")):  # generated: no corpus
+    # generated or bundled data (pairs, LRA tasks, images, speech): no corpus
+    if not cfg.data.source.startswith(("synthetic:", "lra:", "image:", "speech:")):
         overrides.append(f"data.source={corpus}")
     cfg = config_lib.apply_overrides(cfg, overrides)
     result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
     assert result.final_step == 1
-    # one step from random weights: about the loss of a uniform guess, ln(vocab) or less
+    # one step from random weights: about the loss of a uniform guess, ln(vocab) or less (a
+    # classifier's: ln(classes))
     loss = result.losses[1]
-    assert math.isfinite(loss) and 0 < loss < 1.5 * math.log(cfg.model.vocab_size), loss
+    classes = cfg.model.num_labels or cfg.model.vocab_size
+    assert math.isfinite(loss) and 0 < loss < 1.5 * math.log(classes), loss

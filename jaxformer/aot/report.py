@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jaxformer.aot.chips import GIB, Chip, chip_for, topology_devices
 from jaxformer.aot.hlo import collective_bytes, dot_flops, hbm_bytes, parse_module
 from jaxformer.config import Config, apply_overrides, validate
+from jaxformer.data import images
 from jaxformer.errors import UserError
 from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.parallel.target import compiling_for
@@ -51,8 +52,15 @@ _BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 
 
 def abstract_batch(rt: Runtime) -> dict[str, jax.ShapeDtypeStruct]:
-    """The train batch as sharded ShapeDtypeStructs: [B, T] int32 (float32 loss weights)."""
-    shape = (rt.cfg.train.batch_size, rt.cfg.data.seq_len)
+    """The train batch as sharded ShapeDtypeStructs: [B, T] int32 (float32 loss weights), or
+    an image encoder's pixels and labels (``data.images.batch_shapes``)."""
+    cfg = rt.cfg
+    if cfg.model.patch_size > 0:
+        shapes = images.batch_shapes(cfg.train.batch_size, cfg.model.image_size,
+                                     cfg.model.image_channels)
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rt.batch_sharding)
+                for k, (shape, dtype) in shapes.items()}
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
                                     sharding=rt.batch_sharding) for k in _BATCH_KEYS}
 

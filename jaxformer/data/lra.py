@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxformer.data import digits
 from jaxformer.data.classification import package_files
 from jaxformer.data.errors import DataError
 from jaxformer.data.packing import stack_examples
@@ -214,15 +215,11 @@ def to_split(rng: np.random.Generator, tokens: np.ndarray, heldout: bool) -> np.
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """-> (pixel tokens [1797, 1024] int32, labels [1797]) of scikit-learn's bundled digits."""
-    try:
-        from sklearn.datasets import load_digits  # lazily: only lra:image needs it
-    except ImportError:
-        raise DataError("data.source='lra:image' needs scikit-learn (pip install "
-                        "scikit-learn): its bundled digits are the images") from None
-    digits = load_digits()
-    intensity = np.rint(digits.images * (255 / 16)).astype(np.int32)  # [n, 8, 8]
-    big = np.repeat(np.repeat(intensity, SIDE // 8, axis=1), SIDE // 8, axis=2)
-    return 2 + big.reshape(len(big), PIXELS), digits.target.astype(np.int32)
+    levels, labels = digits.load_digits(PREFIX + "image")
+    intensity = np.rint(levels * (255 / digits.LEVELS)).astype(np.int32)  # [n, 8, 8]
+    scale = SIDE // digits.SIDE
+    big = np.repeat(np.repeat(intensity, scale, axis=1), scale, axis=2)
+    return 2 + big.reshape(len(big), PIXELS), labels
 
 
 def _curve(rng: np.random.Generator, n_steps: int) -> np.ndarray | None:
@@ -460,7 +457,7 @@ def _listops_draw(seq_len: int) -> Callable[[np.random.Generator, bool],
 
 def _image_source(seq_len: int) -> LraSource:
     images, labels = _digits()
-    held = np.arange(len(labels)) % 5 == 0
+    held = digits.heldout_mask(len(labels))
     train_images, train_labels = images[~held], labels[~held]
 
     def draw(rng: np.random.Generator, heldout: bool) -> tuple[np.ndarray, int]:

@@ -3,7 +3,8 @@ the data changed since the run began.
 
 A manifest is a dict:
 
-    {"version": 1, "kind": "files" | "stdlib" | "hub" | "synthetic", "source": str, ...}
+    {"version": 1, "kind": "files" | "stdlib" | "hub" | "synthetic" | "bundled",
+     "source": str, ...}
 
 plus, by kind:
 
@@ -13,6 +14,8 @@ plus, by kind:
                    file could not be read); "text_field" when there are JSON files
     hub            "fingerprint": the `datasets` fingerprint of the dataset, "text_field"
     synthetic      nothing more: the pairs are a pure function of the config
+    bundled        "sha256": the digest of a dataset that ships inside a package (scikit-learn's
+                   digits), which a new version of that package could change
 
 Only contents count: a file whose mtime changed but whose bytes did not (``touch``) leaves the
 manifest equal.
@@ -49,6 +52,11 @@ def hub_manifest(name: str, fingerprint: str, text_field: str) -> Manifest:
 def synthetic_manifest(source: str) -> Manifest:
     """The manifest of a generated source (``synthetic:<task>``): only its name."""
     return {"version": VERSION, "kind": "synthetic", "source": source}
+
+
+def bundled_manifest(source: str, sha256: str) -> Manifest:
+    """The manifest of a dataset bundled with a package (``image:digits``): its digest."""
+    return {"version": VERSION, "kind": "bundled", "source": source, "sha256": sha256}
 
 
 def describe_change(saved: Manifest, current: Manifest) -> str | None:

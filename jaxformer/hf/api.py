@@ -17,7 +17,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
-from jaxformer.hf import bert, gpt2, llama, mistral, t5, tokens
+from jaxformer.hf import bert, gpt2, llama, mistral, t5, tokens, vit
 from jaxformer.hf.checkpoint_io import (
     HFConversionError,
     read_hf_config,
@@ -33,6 +33,7 @@ FAMILIES[bert.MODEL_TYPE] = bert
 FAMILIES[llama.MODEL_TYPE] = llama
 FAMILIES[mistral.MODEL_TYPE] = mistral
 FAMILIES[t5.MODEL_TYPE] = t5
+FAMILIES[vit.MODEL_TYPE] = vit  # import only
 
 
 def family_of(model_type: str) -> types.ModuleType:
@@ -126,6 +127,19 @@ class PretrainedModel:
         mask = _mask_or_ones(ids, attention_mask)
         types = None if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
         return self._classify(self.params, ids, _real_positions(mask), mask, types)
+
+    def classify_image(self, pixels: Any) -> jax.Array:
+        """Class logits of an image encoder (as transformers' ``ViTForImageClassification``):
+        pixels [B, H, W, C] float, channels LAST (transformers' ``pixel_values`` [B, C, H, W]
+        transposed by (0, 2, 3, 1)), normalized as the model's image processor does ->
+        [B, num_labels] float32."""
+        if self.config.patch_size <= 0:
+            raise HFConversionError("classify_image() needs an image encoder (a ViT)")
+        if getattr(self, "_classify_image", None) is None:
+            graphdef, _ = abstract_model(self.config)
+            self._classify_image = jax.jit(lambda params, x: nnx.merge(graphdef, params)
+                                           .classify_image(x))
+        return self._classify_image(self.params, jnp.asarray(pixels, jnp.float32))
 
     def _seq2seq(self, ids: jax.Array, decoder_input_ids: Any, attention_mask: Any = None,
                  decoder_attention_mask: Any = None) -> jax.Array:

@@ -97,7 +97,7 @@ BERT_LAYOUT = {"arch": "encoder", "pos_encoding": "learned", "norm": "layernorm"
                "embed_scale": False, "embed_norm": True, "n_kv_heads": 0, "head_dim": 0,
                "sliding_window": 0, "attention_scale": 0.0, "scale_tied_logits": False,
                "attention_type": "mha", "two_tower": False,
-               "pooling": "first"}
+               "pooling": "first", "patch_size": 0}
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -105,6 +105,9 @@ def check_exportable(cfg: ModelConfig) -> None:
         if getattr(cfg, key) != value and not (key == "n_kv_heads" and cfg.kv_heads == cfg.n_heads):
             raise HFConversionError(f"BERT needs model.{key}={value!r}, the model has "
                                     f"{getattr(cfg, key)!r}")
+    if cfg.num_labels > 0 and not cfg.pooler:
+        raise HFConversionError("BERT's classifier reads its pooler: it needs model.pooler=True, "
+                                "the model has False")
     if cfg.activation not in EXPORT_ACTIVATIONS:
         raise HFConversionError(f"BERT needs model.activation in {sorted(EXPORT_ACTIVATIONS)}, "
                                 f"the model has {cfg.activation!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from jaxformer.config import Config, DataConfig, ModelConfig, ObjectiveConfig
+from jaxformer.data import images
 from jaxformer.errors import UserError
 from jaxformer.hf import tokens
 from jaxformer.hf.api import from_pretrained, save_pretrained
@@ -39,6 +40,24 @@ def _objective_of(model: ModelConfig) -> str:
     return "span_corruption" if model.arch == "encoder_decoder" else "causal"
 
 
+def _data_config(model: ModelConfig, hf_dir: Path) -> DataConfig:
+    """Text: the default source, rows as long as the model takes (up to the default). An
+    image classifier (a ViT): the bundled image source of its image shape and classes, since
+    a run's config names one; a UserError when none has them."""
+    if model.patch_size <= 0:
+        return DataConfig(seq_len=min(DataConfig.seq_len, model.max_len))
+    shape = (model.image_size, model.image_channels, model.num_labels)
+    for name, dims in images.DATASETS.items():
+        if dims == shape:
+            return DataConfig(source=images.PREFIX + name, seq_len=model.image_tokens)
+    have = ", ".join(f"{images.PREFIX}{n} ({s}x{s}x{c}, {k} classes)"
+                     for n, (s, c, k) in images.DATASETS.items())
+    raise UserError(f"{hf_dir} holds a classifier of {shape[0]}x{shape[0]}x{shape[1]} images "
+                    f"with {shape[2]} classes, which no image data source has ({have}); a run "
+                    "dir needs one: use jaxformer.hf.from_pretrained(HF_DIR).classify_image "
+                    "instead (docs/vision.md)")
+
+
 def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
     """Writes a run dir (config, tokenizer and its files, special tokens, step-0 checkpoint)
     from a transformers directory."""
@@ -49,7 +68,7 @@ def hf_to_run_dir(hf_dir: Path | str, out: Path | str) -> Config:
     special, chat_template = tokens.imported_special_tokens(
         hf_dir, tokenizer, model.config.vocab_size, model.config.arch == "encoder_decoder")
     cfg = Config(name=out.name, model=model.config,
-                 data=DataConfig(seq_len=min(DataConfig.seq_len, model.config.max_len)),
+                 data=_data_config(model.config, hf_dir),
                  objective=ObjectiveConfig(kind=_objective_of(model.config)))
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_config(out, cfg)

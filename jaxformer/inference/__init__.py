@@ -12,11 +12,14 @@ from collections.abc import Callable
 from jaxformer.inference.families import decodes
 from jaxformer.inference.samples import continuation_samples
 from jaxformer.inference.seq2seq import exact_match
+from jaxformer.inference.speech import character_error_rate
 
 # End-of-run samples: -> [(prompt, generated text)].
 SAMPLERS: dict[str, Callable[..., list[tuple[str, str]]]] = {
     "continuation": continuation_samples}
-# Evaluation metrics computed by decoding held-out data: -> a float (higher is better).
-DECODE_METRICS: dict[str, Callable[..., float]] = {"exact_match": exact_match}
+# Evaluation metrics computed by decoding held-out data: -> a float (exact_match: higher is
+# better; cer, the character error rate of speech transcripts: lower is better).
+DECODE_METRICS: dict[str, Callable[..., float]] = {"exact_match": exact_match,
+                                                   "cer": character_error_rate}
 
 __all__ = ["DECODE_METRICS", "SAMPLERS", "decodes"]

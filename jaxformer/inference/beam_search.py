@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.errors import UserError
-from jaxformer.inference.families import Family, Prompts
+from jaxformer.inference.families import Family
 
 NEG = -1.0e9  # transformers' penalty for entries that must not be chosen
 
@@ -213,9 +213,7 @@ def beam_search(family: Family, params: Any, prompts: Sequence[Sequence[int]], *
     if num_candidates > num_beams * vocab:
         raise UserError(f"{num_beams} beams with {len(eos)} EOS ids need {num_candidates} "
                         f"candidates per step, more than beams x vocabulary")
-    batch = Prompts.pack(prompts, pad_id, left=family.left_pad)
-    if batch.tokens.max() >= vocab or batch.tokens.min() < 0:
-        raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")
+    batch = family.pack(prompts, pad_id)  # token ids checked against the vocabulary, or waves
     cache_len = family.cache_len(batch.tokens.shape[1], max_new_tokens)
     # generated_len ** length_penalty for generated_len = 1 .. N, computed in float64 and
     # rounded once, as transformers' Python scalar is.

@@ -9,6 +9,11 @@ call only these two functions, so every loop works for every family.
 - ``Seq2SeqFamily``: encoder-decoder models. The source is encoded once and every decoder
   layer's cross-attention keys and values are projected once; decoding starts from the
   decoder-start token.
+- ``AudioSeq2SeqFamily``: an encoder-decoder whose encoder reads audio (Whisper,
+  ``model.audio_mels > 0``): the prompts are waves (1-D float arrays at the model's sample
+  rate), packed into a zero-padded [B, N] float batch whose lengths count samples.
+
+Each family packs its own prompts (``pack``): token ids, or waves.
 
 State: a dict of arrays, each with the batch on axis 0 (beam search gathers rows with one
 ``tree_map``). Letters: B batch, P prompt width, T new tokens this call, V vocabulary.
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformer.config import Config, ModelConfig, ObjectiveConfig
+from jaxformer.config import AUDIO_HOP, Config, ModelConfig, ObjectiveConfig, audio_encoder_frames
 from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
 from jaxformer.nn.attention import cache_length
@@ -59,6 +64,12 @@ class Prompts:
         return cls(tokens, np.asarray([len(p) for p in prompts], np.int32))
 
 
+def check_prompt_ids(prompts: Sequence[Sequence[int]], vocab: int) -> None:
+    """A UserError (one line) for a prompt token outside [0, vocab)."""
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise UserError(f"a prompt token is outside the vocabulary [0, {vocab})")
+
+
 class DecoderFamily:
     """Decoder-only language models (GPT-2, Llama, Mistral, MLA ...), causal or prefix-LM."""
 
@@ -73,6 +84,11 @@ class DecoderFamily:
 
     def _model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, self.unpack(params))
+
+    def pack(self, prompts: Sequence[Sequence[int]], pad_id: int) -> Prompts:
+        """Token prompts, left-padded (each checked against the vocabulary)."""
+        check_prompt_ids(prompts, self.vocab_size)
+        return Prompts.pack(prompts, pad_id, left=True)
 
     def require_slot_cache(self, what: str) -> None:
         """UserError for ``what`` (a technique that rewinds, pages or stores per-slot keys and
@@ -147,6 +163,11 @@ class Seq2SeqFamily:
     def _model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, self.unpack(params))
 
+    def pack(self, prompts: Sequence[Sequence[int]], pad_id: int) -> Prompts:
+        """Source ids, right-padded (each checked against the vocabulary)."""
+        check_prompt_ids(prompts, self.vocab_size)
+        return Prompts.pack(prompts, pad_id, left=False)
+
     def cache_len(self, prompt_width: int, max_new_tokens: int) -> int:
         if prompt_width > self.cfg.max_len or max_new_tokens > self.cfg.max_len:
             raise UserError(f"the source ({prompt_width} tokens) or the target (max new tokens"
@@ -189,6 +210,50 @@ class Seq2SeqFamily:
         return logits, {**state, "cache": cache}
 
 
+class AudioSeq2SeqFamily(Seq2SeqFamily):
+    """An encoder-decoder with an audio encoder: the prompts are waves [n] float (at
+    ``model.audio_sample_rate``), encoded once; decoding is ``Seq2SeqFamily``'s."""
+
+    PAD_TO = 16000  # waves pad to whole multiples of this many samples: few compilations
+
+    def pack(self, prompts: Sequence[np.ndarray], pad_id: int) -> Prompts:
+        """Waves -> Prompts(tokens=[B, N] float32 zero-padded, lengths=[B] samples)."""
+        del pad_id  # audio pads with silence
+        waves = [np.asarray(w, np.float32) for w in prompts]
+        if not waves or any(w.ndim != 1 or len(w) == 0 for w in waves):
+            raise UserError("every audio prompt needs a non-empty 1-D wave")
+        width = -(-max(len(w) for w in waves) // self.PAD_TO) * self.PAD_TO
+        audio = np.zeros((len(waves), width), np.float32)
+        for row, w in enumerate(waves):
+            audio[row, :len(w)] = w
+        return Prompts(audio, np.asarray([len(w) for w in waves], np.int32))
+
+    def cache_len(self, prompt_width: int, max_new_tokens: int) -> int:
+        """prompt_width: samples; the encoder frames must fit ``model.max_len``."""
+        frames = audio_encoder_frames(prompt_width)
+        if frames > self.cfg.max_len or max_new_tokens > self.cfg.max_len:
+            raise UserError(f"the audio ({prompt_width / self.cfg.audio_sample_rate:.2f} s, "
+                            f"{frames} encoder frames) or the transcript (max new tokens "
+                            f"{max_new_tokens}) exceeds the model's context (model.max_len "
+                            f"{self.cfg.max_len})")
+        return max_new_tokens + 1
+
+    def prefill(self, params: Any, tokens: jnp.ndarray, lengths: jnp.ndarray,
+                cache_len: int) -> tuple[jnp.ndarray, State, int]:
+        """Waves [B, N] float (``pack``), lengths [B] samples -> (logits of the first
+        transcript token [B, V], state, 1)."""
+        model = self._model(params)
+        b, n = tokens.shape
+        audio_mask = (jnp.arange(n // AUDIO_HOP)[None, :]
+                      < (lengths // AUDIO_HOP)[:, None]).astype(jnp.int32)
+        memory, segment_ids = model.encode_audio(tokens, audio_mask)
+        state = {"cache": model.init_cache(b, cache_len), "cross_kv": model.cross_cache(memory),
+                 "enc_segment_ids": segment_ids}
+        start = jnp.full((b, 1), self.decoder_start_id, jnp.int32)
+        logits, state = self._step(model, start, state, jnp.zeros((), jnp.int32))
+        return logits[:, -1], state, 1
+
+
 Family = DecoderFamily | Seq2SeqFamily
 
 
@@ -222,7 +287,7 @@ def family_for(cfg: Config, graphdef: nnx.GraphDef, *, decoder_start_id: int | N
     if arch == "encoder_decoder":
         if decoder_start_id is None:
             raise UserError("an encoder-decoder model needs its decoder-start token id")
-        return Seq2SeqFamily(cfg.model, graphdef, decoder_start_id=decoder_start_id,
-                             unpack=unpack)
+        family = AudioSeq2SeqFamily if cfg.model.audio_mels > 0 else Seq2SeqFamily
+        return family(cfg.model, graphdef, decoder_start_id=decoder_start_id, unpack=unpack)
     raise UserError(f"model.arch={arch!r} does not generate text: an encoder predicts labels "
                     "or masked tokens, not continuations")

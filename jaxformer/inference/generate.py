@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.errors import UserError
-from jaxformer.inference.families import Family, Prompts
+from jaxformer.inference.families import Family
 from jaxformer.inference.processors import (
     SamplingParams,
     check_token_ids,
@@ -139,7 +139,7 @@ class Generator:
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         vocab = self.family.vocab_size
-        check_token_ids(prompts, stop_tokens, vocab)
+        check_token_ids([], stop_tokens, vocab)  # the prompts: the family's ``pack``
         cached = None
         if prefix is not None:
             if len(prompts) != 1:
@@ -148,7 +148,7 @@ class Generator:
             prompts = [[prefix.tokens[-1], *prompts[0]]]
             cached = (jnp.asarray([prefix.tokens[:-1]], jnp.int32),
                       [{k: jnp.asarray(v) for k, v in layer.items()} for layer in prefix.kv])
-        batch = Prompts.pack(prompts, self.pad_id, left=self.family.left_pad)
+        batch = self.family.pack(prompts, self.pad_id)
         width = batch.tokens.shape[1] + (0 if prefix is None else len(prefix.tokens) - 1)
         cache_len = self.family.cache_len(width, max_new_tokens)
         loop, slot = self._start(self.params, jnp.asarray(batch.tokens),

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxformer.config import Config
+from jaxformer.data import speech
+from jaxformer.data.special_tokens import SpecialTokens as _SpecialTokens
+from jaxformer.data.speech_task import CharTokenizer, is_speech
 from jaxformer.data.synthetic import SymbolTokenizer, is_synthetic
 from jaxformer.data.tokenizer import EOS, PAD
 from jaxformer.errors import UserError
@@ -67,6 +70,11 @@ def load_for_generation(run_dir: Path, step: int | None = None, *,
                         "or masked tokens and does not generate text")
     if is_synthetic(saved.data.source):  # fixed symbol vocabulary, no tokenizer file
         tokenizer, specials = SymbolTokenizer(EOS, PAD), read_special_tokens(run_dir)
+    elif is_speech(saved.data.source):  # transcripts: the fixed character vocabulary
+        tokenizer = CharTokenizer()
+        specials = _SpecialTokens(bos_id=speech.BOS_ID, eos_ids=(speech.EOS_ID,),
+                                  pad_id=speech.PAD_ID, decoder_start_id=speech.BOS_ID,
+                                  add_bos=False)
     else:
         tokenizer, specials = load_run_tokenizer(run_dir)
     if params is None and is_quantized(run_dir):  # int weights, dequantized inside the jit

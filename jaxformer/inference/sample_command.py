@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jaxformer.errors import UserError
 from jaxformer.inference import prompt_cache
+from jaxformer.inference import speech as speech_inputs
 from jaxformer.inference.beam_search import beam_search
 from jaxformer.inference.mtp_speculative import mtp_generate
 from jaxformer.inference.processors import SamplingParams
@@ -53,6 +54,7 @@ class SampleOptions:
     prompt_cache: Path | None = None
     seed: int = 0
     step: int | None = None
+    audio: list[str] = dataclasses.field(default_factory=list)  # speech runs: WAVs, heldout:K
 
     def sampling(self) -> SamplingParams:
         given = {k: getattr(self, k) for k in ("temperature", "top_k", "top_p", "min_p")
@@ -139,6 +141,9 @@ def sample(opts: SampleOptions, note: Callable[[str], None] = print) -> Iterator
     (the prompt first, for a decoder); else one block per prompt (and per returned beam)."""
     opts.check()
     run = load_for_generation(opts.run_dir, opts.step)
+    if run.cfg.model.audio_mels > 0 or opts.audio:
+        yield from _transcripts(run, opts)
+        return
     prompts = opts.prompts or [""]
     if run.family.kind == "decoder":
         # Trailing spaces go: byte-level BPE keeps a word's space in the word's token.
@@ -194,6 +199,29 @@ def sample(opts: SampleOptions, note: Callable[[str], None] = print) -> Iterator
                               stop_strings=opts.stop, seed=opts.seed)
     for i, (prompt, gen) in enumerate(zip(prompts, gens, strict=True)):
         yield ("" if i == 0 else "\n") + (prompt if show_prompt else "") + gen.text + "\n"
+
+
+def _transcripts(run: LoadedRun, opts: SampleOptions) -> Iterator[str]:
+    """A speech run: one line per ``--audio`` input, greedy or (``--num-beams``) beam
+    search; a held-out clip's reference transcript beside it."""
+    if run.cfg.model.audio_mels <= 0:
+        raise UserError(f"--audio needs a speech run (model.audio_mels > 0); {opts.run_dir} "
+                        "reads tokens: give --prompt")
+    if not opts.audio:
+        raise UserError("a speech run transcribes audio: give --audio FILE.wav or "
+                        "--audio heldout:K (--prompt is not read)")
+    if opts.temperature not in (None, 0.0) or opts.draft is not None or opts.mtp:
+        raise UserError("speech runs decode greedily or by beam search (--num-beams): drop "
+                        "--temperature, --draft and --mtp")
+    inputs = speech_inputs.audio_inputs(run.cfg, opts.audio)
+    max_chars = min(opts.max_new_tokens, run.cfg.data.seq_len) - 1
+    if max_chars < 1:
+        raise UserError("--max-new-tokens must leave room for one character and the end token")
+    texts = speech_inputs.transcribe(run.family, run.params, [w for w, _ in inputs], max_chars,
+                                     num_beams=opts.num_beams,
+                                     length_penalty=opts.length_penalty)
+    for spec, (_, ref), text in zip(opts.audio, inputs, texts, strict=True):
+        yield f"{spec}: {text!r}" + ("" if ref is None else f" (reference {ref!r})") + "\n"
 
 
 def _beams(run: LoadedRun, opts: SampleOptions, prompts: list[str], ids: list[list[int]],

@@ -5,6 +5,8 @@ Calling conventions (all arrays [B, T] int unless said otherwise; logits float32
     decoder          DecoderLM(tokens, positions, segment_ids) -> [B, T, V]
     encoder          EncoderModel(tokens, positions, segment_ids, token_types=None)
                        -> [B, T, V] masked-LM logits; .classify(...) -> [B, num_labels]
+                     with patch_size > 0 (ViT): .classify_image(pixels [B, H, W, C] float)
+                       -> [B, num_labels]
     encoder_decoder  EncoderDecoderLM(enc_tokens, dec_tokens, enc_segment_ids, dec_segment_ids,
                        enc_positions=None, dec_positions=None) -> [B, T_dec, V]
 """

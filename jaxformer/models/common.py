@@ -115,16 +115,24 @@ class InputEmbedding(nnx.Module):
                  token_types: jnp.ndarray | None = None,
                  dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """tokens, positions, token_types: [B, T] int -> [B, T, D] in the compute dtype."""
-        cfg = self.cfg
         x = embed(tokens)
-        if cfg.embed_scale:
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
+        return self.add(x, positions, token_types, dropout_rng)
+
+    def add(self, x: jnp.ndarray, positions: jnp.ndarray,
+            token_types: jnp.ndarray | None = None,
+            dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """What follows the input vectors, whatever made them (token lookup, or an image's
+        patch embeddings): + absolute positions, + token types, the embedding norm, dropout.
+        x: [B, T, D]; positions, token_types: [B, T] int -> [B, T, D] in x's dtype."""
+        cfg = self.cfg
         if self.positions is not None:
             x = x + self.positions(positions)
         elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(positions, cfg.d_model, cfg.sinusoidal_base).astype(x.dtype)
         if self.token_types is not None:
-            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            types = jnp.zeros_like(positions) if token_types is None else token_types
             x = x + self.token_types(types)
         if self.norm is not None:
             x = self.norm(x)

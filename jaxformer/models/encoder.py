@@ -10,7 +10,8 @@ Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
                       False) + an output bias [V]. ``__call__`` -> [B, T, V].
     num_labels > 0    sequence classifier (``BertForSequenceClassification``): pooler (dense
                       D->D + tanh on the first token's final hidden state, or with
-                      ``cfg.pooling='mean'`` on the mean over the real tokens) -> dropout ->
+                      ``cfg.pooling='mean'`` on the mean over the real tokens; none with
+                      ``cfg.pooler=False``, as ViTForImageClassification) -> dropout ->
                       dense D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
                       transformers, so its ``__call__`` raises.
     + two_tower       pair classifier (LRA's retrieval, Tay et al. 2021): each row holds two
@@ -19,6 +20,11 @@ Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
                       dropout -> dense 4D->L. ``classify_pair`` -> [B, L].
 
 ``encode`` gives the final hidden states [B, T, D] of either.
+
+With ``cfg.patch_size > 0`` the encoder is a Vision Transformer (Dosovitskiy et al. 2021): it
+reads images instead of tokens (``models.vision.PatchEmbedding`` replaces the token table;
+the same positions, blocks, pooler and classifier follow). ``encode_image`` gives its final
+hidden states [B, T, D] and ``classify_image`` its class logits [B, L].
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from jaxformer.models.common import (
     token_table,
 )
 from jaxformer.models.layer_stack import apply_blocks, make_blocks
+from jaxformer.models.vision import PatchEmbedding
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.embedding import Embedding
 from jaxformer.nn.feedforward import ACTIVATIONS, GATED_ACTIVATIONS, activation_fn
@@ -91,18 +98,24 @@ class MaskedLMHead(nnx.Module):
 
 
 class EncoderModel(nnx.Module):
-    """Token ids -> masked-LM logits (or, with cfg.num_labels > 0, class logits).
+    """Token ids -> masked-LM logits (or, with cfg.num_labels > 0, class logits); with
+    cfg.patch_size > 0, images -> class logits.
 
-    Params: ``embed`` (token table), ``inputs`` (positions, token types, embedding norm),
+    Params: ``embed`` (token table; ``patches`` instead for images: ``PatchEmbedding``),
+    ``inputs`` (positions, token types, embedding norm),
     ``rel_bias`` (ALiBi / T5 / Shaw, bidirectional; shared by all layers), ``blocks/{i}``,
     ``final_norm`` (when cfg.final_norm), then either ``mlm`` (num_labels == 0) or ``pooler``
-    (Dense D->D) and ``classifier`` (Dense D->L) (num_labels > 0).
+    (Dense D->D; None with ``cfg.pooler=False``) and ``classifier`` (Dense D->L)
+    (num_labels > 0).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype, pdtype = dtypes(cfg)
-        self.embed = token_table(cfg, rngs)
+        if cfg.patch_size > 0:
+            self.embed, self.patches = None, PatchEmbedding(cfg, rngs=rngs)
+        else:
+            self.embed, self.patches = token_table(cfg, rngs), None
         self.inputs = InputEmbedding(cfg, rngs=rngs)
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.blocks = make_blocks(cfg, cfg.n_layers, lambda i, r: TransformerBlock(
@@ -110,9 +123,9 @@ class EncoderModel(nnx.Module):
         self.final_norm = final_norm(cfg)
         if cfg.num_labels > 0:
             self.mlm = None
-            self.pooler = Dense(cfg.d_model, cfg.d_model, ("embed", None),
-                                init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
-                                rngs=rngs)
+            self.pooler = (Dense(cfg.d_model, cfg.d_model, ("embed", None),
+                                 init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
+                                 rngs=rngs) if cfg.pooler else None)
             width = 4 * cfg.d_model if cfg.two_tower else cfg.d_model
             self.classifier = Dense(width, cfg.num_labels, ("embed", None),
                                     init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
@@ -131,14 +144,37 @@ class EncoderModel(nnx.Module):
         whose outputs are meaningless); token_types None means all type 0; dropout_rng: a key
         to train with dropout (None: deterministic) -> [B, T, D] in the compute dtype.
         """
+        if self.embed is None:
+            raise ValueError("this encoder reads images (model.patch_size="
+                             f"{self.cfg.patch_size}); call encode_image()/classify_image()")
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
+        x = self.inputs(self.embed, tokens, positions, token_types, dropout_rng=rngs[-1])
+        return self._stack(x, positions, segment_ids, rngs[:-1])
+
+    def encode_image(self, pixels: jnp.ndarray, *,
+                     dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """A Vision Transformer's final hidden states: pixels [B, H, W, C] float (values as
+        the data gives them, e.g. in [0, 1]) -> [B, T, D] in the compute dtype, T =
+        ``cfg.image_tokens`` ([CLS] first with pooling 'first', then the patches row by row).
+        Every token attends to every other; positions count the tokens from 0."""
+        if self.patches is None:
+            raise ValueError("encode_image() needs an image encoder (model.patch_size > 0)")
+        rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
+        x = self.patches(pixels)
+        b, t = x.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.inputs.add(x, positions, dropout_rng=rngs[-1])
+        return self._stack(x, positions, jnp.ones((b, t), jnp.int32), rngs[:-1])
+
+    def _stack(self, x: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,
+               rngs: list[jax.Array | None]) -> jnp.ndarray:
+        """The blocks and the final norm over input vectors x [B, T, D] -> [B, T, D]."""
         inputs = AttentionInputs(q_positions=positions, is_causal=False,
                                  segment_ids=segment_ids,
                                  bias=self.rel_bias(positions, positions))
-        x = self.inputs(self.embed, tokens, positions, token_types, dropout_rng=rngs[-1])
-        x = apply_blocks(self, self.blocks, self.cfg, x, rngs[:-1],
+        x = apply_blocks(self, self.blocks, self.cfg, x, rngs,
                          lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0], inputs)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -165,6 +201,19 @@ class EncoderModel(nnx.Module):
         rngs = split_rng(dropout_rng, 2)
         pooled = self._pool(tokens, positions, segment_ids, token_types, rngs[0])
         pooled = dropout(pooled, self.cfg.dropout, rngs[1])
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def classify_image(self, pixels: jnp.ndarray, *,
+                       dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """A Vision Transformer's class logits: pixels [B, H, W, C] float -> [B, L] float32,
+        from the pooler over [CLS] (``pooling='first'``) or the mean of the patches
+        (``'mean'``), then dropout and the classifier, as ``classify``."""
+        if self.classifier is None or self.patches is None:
+            raise ValueError("classify_image() needs model.patch_size > 0 and "
+                             "model.num_labels > 0")
+        rngs = split_rng(dropout_rng, 2)
+        x = self.encode_image(pixels, dropout_rng=rngs[0])
+        pooled = dropout(self._pooled(x, None), self.cfg.dropout, rngs[1])
         return self.classifier(pooled).astype(jnp.float32)
 
     def classify_pair(self, tokens: jnp.ndarray, positions: jnp.ndarray,
@@ -198,10 +247,18 @@ class EncoderModel(nnx.Module):
         token (``model.pooling='first'``) or the mean of its real tokens' (``'mean'``: every
         token with segment id > 0; all tokens without segment ids)."""
         x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rng)
+        return self._pooled(x, segment_ids)
+
+    def _pooled(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+        """tanh(dense(h)) [B, D] of final states x [B, T, D] (h itself with
+        ``cfg.pooler=False``): h the first token's, or the mean over the tokens with segment
+        id > 0 (all of them when segment_ids is None)."""
         if self.cfg.pooling == "mean":
-            real = (jnp.ones_like(tokens) if segment_ids is None else segment_ids > 0)
+            real = (jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids > 0)
             w = real.astype(jnp.float32)[..., None]
             h = (x.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
         else:
             h = x[:, 0]
+        if self.pooler is None:  # model.pooler=False: ViT's classifier reads h itself
+            return h
         return jnp.tanh(self.pooler(h))

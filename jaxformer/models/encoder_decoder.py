@@ -7,6 +7,10 @@ V vocabulary, C decode-cache length.
 Segment ids (0 = padding) keep packed or padded examples apart everywhere: encoder
 self-attention sees equal ids, decoder self-attention is causal within equal ids, and
 cross-attention lets a decoder token see only the encoder tokens of its own segment id.
+
+With ``cfg.audio_mels > 0`` the encoder reads audio (Whisper, Radford et al. 2022):
+``models.audio.AudioFrontEnd`` replaces the encoder's token inputs, ``encode_audio`` gives the
+memory and ``audio_logits`` the teacher-forced logits; decoding (``decode``) is unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.audio import AudioFrontEnd
 from jaxformer.models.common import (
     AttentionInputs,
     InputEmbedding,
@@ -45,14 +50,16 @@ class EncoderDecoderLM(nnx.Module):
     ``enc_inputs`` / ``dec_inputs`` (learned positions, ...), ``enc_rel_bias`` /
     ``dec_rel_bias`` (T5 buckets etc.; each shared by all layers of its stack),
     ``encoder/{i}``, ``enc_norm``, ``decoder/{i}`` (with ``cross_attn``), ``dec_norm``,
-    ``unembed`` (``lm_head`` when untied).
+    ``unembed`` (``lm_head`` when untied). An audio encoder (``cfg.audio_mels > 0``) has
+    ``audio`` (``AudioFrontEnd``) instead of ``enc_inputs``.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
 
         self.embed = token_table(cfg, rngs)
-        self.enc_inputs = InputEmbedding(cfg, rngs=rngs)
+        self.audio = AudioFrontEnd(cfg, rngs=rngs) if cfg.audio_mels > 0 else None
+        self.enc_inputs = InputEmbedding(cfg, rngs=rngs) if self.audio is None else None
         self.dec_inputs = InputEmbedding(cfg, rngs=rngs)
         self.enc_rel_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.dec_rel_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
@@ -83,6 +90,28 @@ class EncoderDecoderLM(nnx.Module):
         if dec_segment_ids is None:
             dec_segment_ids = jnp.ones_like(dec_tokens)
         memory = self.encode(enc_tokens, enc_segment_ids, enc_positions, dropout_rng=enc_rng)
+        return self._teacher_forced(memory, enc_segment_ids, dec_tokens, dec_segment_ids,
+                                    dec_positions, dec_rng)
+
+    def audio_logits(self, audio: jnp.ndarray, audio_mask: jnp.ndarray, dec_tokens: jnp.ndarray,
+                     dec_segment_ids: jnp.ndarray | None = None,
+                     dec_positions: jnp.ndarray | None = None, *,
+                     dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """The forward pass of an audio encoder (teacher forcing): audio [B, N] float,
+        audio_mask [B, T] (``models.audio.frame_mask``), dec_*: [B, T_dec] int as ``__call__``
+        -> logits [B, T_dec, V] float32."""
+        enc_rng, dec_rng = split_rng(dropout_rng, 2)
+        if dec_segment_ids is None:
+            dec_segment_ids = jnp.ones_like(dec_tokens)
+        memory, enc_segment_ids = self.encode_audio(audio, audio_mask, dropout_rng=enc_rng)
+        return self._teacher_forced(memory, enc_segment_ids, dec_tokens, dec_segment_ids,
+                                    dec_positions, dec_rng)
+
+    def _teacher_forced(self, memory: jnp.ndarray, enc_segment_ids: jnp.ndarray,
+                        dec_tokens: jnp.ndarray, dec_segment_ids: jnp.ndarray,
+                        dec_positions: jnp.ndarray | None,
+                        dec_rng: jax.Array | None) -> jnp.ndarray:
+        """The decoder over memory [B, S, D] -> logits [B, T, V] float32."""
         if dec_positions is None:
             dec_positions = _arange_positions(dec_tokens)
         inputs = AttentionInputs(q_positions=dec_positions,
@@ -102,16 +131,35 @@ class EncoderDecoderLM(nnx.Module):
                dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """[B, S] int (segment ids None: no padding; positions None: arange) -> memory
         [B, S, D] in the compute dtype (after the final encoder norm, if any)."""
+        if self.enc_inputs is None:
+            raise ValueError(f"this encoder reads audio (model.audio_mels={self.cfg.audio_mels}"
+                             "); call encode_audio()/audio_logits()")
         if enc_segment_ids is None:
             enc_segment_ids = jnp.ones_like(enc_tokens)
         if enc_positions is None:
             enc_positions = _arange_positions(enc_tokens)
-        inputs = AttentionInputs(q_positions=enc_positions,
-                                 bias=self.enc_rel_bias(enc_positions, enc_positions),
-                                 segment_ids=enc_segment_ids)
         rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
         x = self.enc_inputs(self.embed, enc_tokens, enc_positions, dropout_rng=rngs[-1])
-        x = apply_blocks(self, self.encoder, self.cfg, x, rngs[:-1],
+        return self._encoder_stack(x, enc_segment_ids, enc_positions, rngs[:-1])
+
+    def encode_audio(self, audio: jnp.ndarray, audio_mask: jnp.ndarray, *,
+                     dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """audio [B, N] float, audio_mask [B, T] -> (memory [B, S, D] in the compute dtype,
+        encoder segment ids [B, S]: 1 on the clip's frames, 0 on padding), S = (T + 1) // 2."""
+        if self.audio is None:
+            raise ValueError("encode_audio() needs an audio encoder (model.audio_mels > 0)")
+        rngs = split_rng(dropout_rng, self.cfg.n_layers + 1)
+        x, segment_ids = self.audio(audio, audio_mask, dropout_rng=rngs[-1])
+        positions = _arange_positions(segment_ids)
+        return self._encoder_stack(x, segment_ids, positions, rngs[:-1]), segment_ids
+
+    def _encoder_stack(self, x: jnp.ndarray, segment_ids: jnp.ndarray, positions: jnp.ndarray,
+                       rngs: list[jax.Array | None]) -> jnp.ndarray:
+        """The encoder blocks and final norm over input vectors x [B, S, D]."""
+        inputs = AttentionInputs(q_positions=positions,
+                                 bias=self.enc_rel_bias(positions, positions),
+                                 segment_ids=segment_ids)
+        x = apply_blocks(self, self.encoder, self.cfg, x, rngs,
                          lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0])
         return x if self.enc_norm is None else self.enc_norm(x)
 

@@ -32,6 +32,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "bert": dict(arch="encoder", pos_encoding="learned", norm="layernorm", norm_eps=1e-12,
                  norm_position="post", final_norm=False, activation="gelu", use_bias=True,
                  tie_embeddings=True, embed_norm=True, type_vocab_size=2),
+    # Dosovitskiy et al. 2021 (ViT): a pre-LN encoder over image patches (set patch_size,
+    # image_size, image_channels, num_labels), learned positions, [CLS] pooling, exact GELU.
+    "vit": dict(arch="encoder", pos_encoding="learned", norm="layernorm", norm_eps=1e-6,
+                norm_position="pre", final_norm=True, activation="gelu", use_bias=True,
+                embed_norm=False, type_vocab_size=0, pooling="first"),
+    # Radford et al. 2022 (Whisper): a pre-LN encoder-decoder whose encoder reads an 80-channel
+    # log-Mel spectrogram through two convolutions (models/audio.py) with fixed sinusoidal
+    # positions; learned decoder positions, exact GELU, biases, the token table tied to the head.
+    "whisper": dict(arch="encoder_decoder", pos_encoding="learned", norm="layernorm",
+                    norm_eps=1e-5, norm_position="pre", final_norm=True, activation="gelu",
+                    use_bias=True, tie_embeddings=True, audio_mels=80),
     # Vaswani et al. 2017: post-LN, sinusoidal, ReLU, shared embeddings scaled by sqrt(d).
     "transformer_2017": dict(arch="encoder_decoder", pos_encoding="sinusoidal",
                              norm="layernorm", norm_position="post", final_norm=False,
@@ -74,6 +85,14 @@ def prefix_lm(**overrides: Any) -> ModelConfig:
 
 def bert(**overrides: Any) -> ModelConfig:
     return preset("bert", **overrides)
+
+
+def vit(**overrides: Any) -> ModelConfig:
+    return preset("vit", **overrides)
+
+
+def whisper(**overrides: Any) -> ModelConfig:
+    return preset("whisper", **overrides)
 
 
 def transformer_2017(**overrides: Any) -> ModelConfig:

@@ -1,5 +1,5 @@
-"""Positional information: absolute (learned, sinusoidal), rotary (RoPE) and attention biases
-(ALiBi, T5 buckets, Shaw-style clipped offsets).
+"""Positional information: absolute (learned, sinusoidal, 2-D sinusoidal over image patches),
+rotary (RoPE) and attention biases (ALiBi, T5 buckets, Shaw-style clipped offsets).
 
 Every function takes explicit integer positions ([B, T] for queries, [B, S] for keys) rather
 than ``arange(T)``: packed documents restart at position 0, and a decode step sits at the end of
@@ -52,6 +52,28 @@ def sinusoidal_encoding(positions: jnp.ndarray, d_model: int,
     if d_model % 2:  # odd width: the last channel has no partner
         pe = jnp.pad(pe, [(0, 0)] * (pe.ndim - 1) + [(0, 1)])
     return pe
+
+
+def sinusoidal_2d_encoding(rows: int, cols: int, d_model: int,
+                           base: float = 10000.0) -> np.ndarray:
+    """The 2-D sin-cos encoding of a rows x cols grid of image patches (MAE, He et al. 2022;
+    "simple ViT", Beyer et al. 2022): a quarter of the channels each for sin and cos of the
+    patch's row and of its column,
+
+        PE[n] = [sin(r w), cos(r w), sin(c w), cos(c w)],  w_i = base^(-i / (D/4)), i < D/4,
+
+    for patch n at row r = n // cols, column c = n % cols (row-major, the order of
+    ``models.vision.patchify``). -> [rows * cols, D] float32 (numpy: a constant of the shapes).
+    D must be a multiple of 4.
+    """
+    if d_model % 4:
+        raise ValueError(f"sinusoidal_2d_encoding: d_model={d_model} must be a multiple of 4")
+    quarter = d_model // 4
+    omega = base ** (-np.arange(quarter, dtype=np.float64) / quarter)  # [D/4]
+    r, c = np.divmod(np.arange(rows * cols), cols)  # [N] each
+    ra, ca = r[:, None] * omega, c[:, None] * omega  # [N, D/4]
+    pe = np.concatenate([np.sin(ra), np.cos(ra), np.sin(ca), np.cos(ca)], axis=1)
+    return pe.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

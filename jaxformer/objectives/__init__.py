@@ -13,6 +13,7 @@ from jaxformer.objectives import (  # noqa: F401 - each module registers its obj
     prefix_lm,
     seq2seq,
     span_corruption,
+    transcription,
 )
 from jaxformer.objectives.base import Objective, Task
 from jaxformer.objectives.registry import OBJECTIVES, check_objective, get_objective, register

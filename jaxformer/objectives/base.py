@@ -14,6 +14,7 @@ V vocabulary, C classes):
     every objective  inputs, targets, loss_weights, segment_ids, positions   [B, T]
     prefix_lm        + prefix [B, T] (1 = token of its document's bidirectional prefix)
     encoder-decoder  + enc_inputs, enc_segment_ids, enc_positions            [B, S]
+    transcription    + audio [B, N] float32, audio_mask [B, N // 160] (no enc_*)
     classification   targets, loss_weights [B, 1] (one label per row)
 
 Each row's randomness (masking, split points, noise spans) comes from
@@ -34,6 +35,7 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import Config
 from jaxformer.data.pipeline import DataPipeline
+from jaxformer.data.speech_task import SpeechTask
 from jaxformer.data.synthetic import SyntheticTranslation
 
 Batch = dict[str, np.ndarray]
@@ -54,6 +56,7 @@ class Task:
     tokenizer: Tokenizer | None = None
     pipeline: DataPipeline | None = None  # the text pipeline behind LM objectives
     translation: SyntheticTranslation | None = None
+    speech: SpeechTask | None = None  # a speech source's clips (objective.kind=transcription)
     # What the data source held (jaxformer.data.manifest; JSON-serializable), for a resumed run
     # to tell whether its data changed: ``manifest.describe_change(saved, task.data_manifest)``
     data_manifest: dict[str, Any] | None = None

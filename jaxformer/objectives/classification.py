@@ -1,8 +1,10 @@
 """Sequence classification (BERT fine-tuning): one label per row from a pooled encoder.
 
 The data: which stdlib package a snippet comes from (``jaxformer.data.classification``, any
-text ``data.source`` trains the tokenizer), or a Long Range Arena-style task
-(``data.source=lra:<task>``, ``jaxformer.data.lra``) with its own fixed vocabulary.
+text ``data.source`` trains the tokenizer), a Long Range Arena-style task
+(``data.source=lra:<task>``, ``jaxformer.data.lra``) with its own fixed vocabulary, or images
+(``data.source=image:<name>``, ``jaxformer.data.images``) for a Vision Transformer
+(``model.patch_size > 0``), whose batches hold ``pixels`` [B, H, W, C] instead of tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import jax
 
 from jaxformer.config import Config
-from jaxformer.data import lra
+from jaxformer.data import images, lra
 from jaxformer.data.classification import PackageSnippets
 from jaxformer.data.errors import DataError
 from jaxformer.data.manifest import synthetic_manifest
@@ -34,16 +36,27 @@ class Classification(Objective):
             raise ValueError(f"model.two_tower=true classifies pairs of documents; "
                              f"data.source={cfg.data.source!r} has single sequences (the pair "
                              f"task: data.source='lra:retrieval')")
-        if lra.is_lra(cfg.data.source):
-            try:
-                lra.check(cfg.data.source, cfg.data.seq_len, cfg.model.vocab_size,
-                          cfg.model.num_labels, cfg.model.two_tower)
-            except DataError as e:
-                raise ValueError(str(e)) from None
+        m, source = cfg.model, cfg.data.source
+        if images.is_image(source) and m.patch_size <= 0:
+            raise ValueError(f"data.source={source!r} holds images: it needs an image encoder "
+                             "(model.patch_size > 0, docs/vision.md)")
+        if m.patch_size > 0 and not images.is_image(source):
+            names = ", ".join(images.PREFIX + n for n in images.DATASETS)
+            raise ValueError(f"model.patch_size={m.patch_size} (an image encoder) needs an "
+                             f"image data.source ({names}), got {source!r}")
+        try:
+            if lra.is_lra(source):
+                lra.check(source, cfg.data.seq_len, m.vocab_size, m.num_labels, m.two_tower)
+            elif images.is_image(source):
+                images.check(source, m.image_size, m.image_channels, m.num_labels)
+        except DataError as e:
+            raise ValueError(str(e)) from None
 
     def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
         if lra.is_lra(cfg.data.source):
             return _lra_task(self.name, cfg, log)
+        if images.is_image(cfg.data.source):
+            return _image_task(self.name, cfg, log)
         pipeline = text_pipeline(cfg, tokenizer_path, log)
         data = PackageSnippets.create(pipeline.tokenizer, cfg.model.num_labels,
                                       cfg.data.seq_len, seed=cfg.data.seed)
@@ -59,6 +72,8 @@ class Classification(Objective):
     def logits(self, model: Any, batch: dict[str, jax.Array],
                dropout_rng: jax.Array | None = None) -> jax.Array:
         """-> [B, 1, C]: the pooled classifier's logits, aligned with targets [B, 1]."""
+        if model.cfg.patch_size > 0:  # a Vision Transformer: the batch holds pixels
+            return model.classify_image(batch["pixels"], dropout_rng=dropout_rng)[:, None, :]
         classify = model.classify_pair if model.cfg.two_tower else model.classify
         logits = classify(batch["inputs"], batch["positions"], batch["segment_ids"],
                           dropout_rng=dropout_rng)
@@ -78,3 +93,21 @@ def _lra_task(name: str, cfg: Config, log: Log) -> Task:
                 baseline_name="majority class",
                 baseline=data.majority_baseline(cfg.train.batch_size, cfg.eval.batches),
                 data_manifest=synthetic_manifest(cfg.data.source))
+
+
+def _image_task(name: str, cfg: Config, log: Log) -> Task:
+    """Images and their labels for a Vision Transformer: no tokenizer, batches of pixels
+    from ``jaxformer.data.images``."""
+    m = cfg.model
+    data = images.create(cfg.data.source, m.image_size, m.image_channels, m.num_labels,
+                         shift=cfg.data.image_shift)
+    log(f"data: {cfg.data.source}, {len(data.train_labels)} training and "
+        f"{len(data.heldout_labels)} held-out images of {m.image_size}x{m.image_size}x"
+        f"{m.image_channels}, {data.num_classes} classes; {m.image_tokens} tokens per image")
+    return Task(name=name,
+                train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
+                    step, b, seed, share_rows(b, share, n)),
+                val_batches=lambda b, n: data.val_batches(b, n),
+                baseline_name="majority class",
+                baseline=data.majority_baseline(cfg.train.batch_size, cfg.eval.batches),
+                data_manifest=data.manifest)

@@ -16,9 +16,11 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import Config
 from jaxformer.data.errors import DataError
+from jaxformer.data.images import is_image
 from jaxformer.data.manifest import synthetic_manifest
 from jaxformer.data.packing import stack_examples
 from jaxformer.data.pipeline import DataPipeline
+from jaxformer.data.speech_task import is_speech
 from jaxformer.data.synthetic import is_synthetic
 from jaxformer.objectives.base import Batch, Log, Task
 from jaxformer.objectives.registry import get_objective
@@ -48,6 +50,14 @@ def text_pipeline(cfg: Config, tokenizer_path: Path, log: Log, seq_len: int | No
     if is_synthetic(d.source):
         raise DataError(f"data.source={d.source!r} is a pair task; set objective.kind=seq2seq "
                         "(encoder-decoder) or prefix_lm (decoder)")
+    if is_speech(d.source):
+        raise DataError(f"data.source={d.source!r} holds audio, not text; set "
+                        "objective.kind=transcription with an audio encoder "
+                        "(model.audio_mels > 0, docs/speech.md)")
+    if is_image(d.source):
+        raise DataError(f"data.source={d.source!r} holds images, not text; set "
+                        "objective.kind=classification with an image encoder "
+                        "(model.patch_size > 0, docs/vision.md)")
     return DataPipeline.create(
         source=d.source, seq_len=seq_len or d.seq_len, vocab_size=cfg.model.vocab_size,
         val_fraction=d.val_fraction, seed=d.seed, tokenizer_path=tokenizer_path,

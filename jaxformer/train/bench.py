@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxformer.config import Config
+from jaxformer.data import images
 from jaxformer.train.flops import (
     PeakFlops,
     count_params,
@@ -32,9 +33,16 @@ from jaxformer.train.runtime import Runtime, build_runtime, format_memory
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Uniform random tokens, one document per row, every target counted."""
+    """Uniform random tokens, one document per row, every target counted (an image encoder:
+    uniform random pixels in [0, 1] and labels)."""
     b, t = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
+    m = cfg.model
+    if m.patch_size > 0:
+        shapes = images.batch_shapes(b, m.image_size, m.image_channels)
+        return {"pixels": rng.random(shapes["pixels"][0], np.float32),
+                "targets": rng.integers(0, m.num_labels, (b, 1), dtype=np.int32),
+                "loss_weights": np.ones((b, 1), np.float32)}
     tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "segment_ids": np.ones((b, t), np.int32),

@@ -27,7 +27,9 @@ matmul rate measured once per machine and cached, so that runs on one machine ar
 
 The formula is the decoder-only one. For encoder and encoder-decoder models (tokens counted on
 the encoder side) it is an approximation: it leaves out the decoder stack and cross-attention of
-encoder-decoders and does not double the attention term for bidirectional attention.
+encoder-decoders and does not double the attention term for bidirectional attention. An image
+encoder (``patch_size`` P > 0, C channels) counts its patch embedding, P²·C·D, in place of the
+un-embedding, with T its tokens per image.
 """
 
 from __future__ import annotations
@@ -70,12 +72,16 @@ def count_params(params: Any) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that multiply every token: attention and MLP projections and the un-embedding
-    (GQA shrinks the key/value projections; a gated MLP has three matrices)."""
+    (GQA shrinks the key/value projections; a gated MLP has three matrices), or for an image
+    encoder the patch embedding."""
     d, f, h = cfg.d_model, cfg.ff_width, cfg.head_size
     attn = d * h * (2 * cfg.n_heads + 2 * cfg.kv_heads)
     per_ff = 3 if cfg.activation in GATED_ACTIVATIONS else 2
     mlp = per_ff * d * f
-    total = cfg.n_layers * (attn + mlp) + cfg.vocab_size * d
+    # The un-embedding; an image encoder has none, but maps each patch of P*P*C pixels to D.
+    head = (cfg.patch_size ** 2 * cfg.image_channels if cfg.patch_size > 0
+            else cfg.vocab_size) * d
+    total = cfg.n_layers * (attn + mlp) + head
     if cfg.n_experts:
         # An MoE block multiplies each token by its top-k experts, the shared experts and
         # the router, not by all experts: N counts the active weights only.

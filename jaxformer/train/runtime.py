@@ -117,6 +117,17 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     spec = b_sharding.spec
     row_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
     check_batch_layout(cfg, math.prod(mesh.shape[a] for a in row_axes))
+    if len(spec) > 1 and spec[1] is not None and cfg.model.audio_mels > 0:
+        # Audio batches' dimension 1 is samples (and frames), not the encoder's length.
+        raise UserError(f"the mesh splits the sequence axis ({spec[1]}), which audio batches "
+                        f"do not have (model.audio_mels={cfg.model.audio_mels}); use a mesh "
+                        "preset without sequence parallelism (data, fsdp, fsdp_tensor)")
+    if len(spec) > 1 and spec[1] is not None and cfg.model.patch_size > 0:
+        # The batch sharding splits dimension 1 of every batch array: the length of token
+        # rows, but the pixel rows of an image batch [B, H, W, C].
+        raise UserError(f"the mesh splits the sequence axis ({spec[1]}), which image batches "
+                        f"do not have (model.patch_size={cfg.model.patch_size}); use a mesh "
+                        "preset without sequence parallelism (data, fsdp, fsdp_tensor)")
     if len(spec) > 1 and spec[1] is not None and cfg.data.seq_len % mesh.shape["sequence"]:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is not divisible by the "
                         f"{mesh.shape['sequence']} devices of the sequence axis")
