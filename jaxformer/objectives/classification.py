@@ -18,7 +18,7 @@ from jaxformer.config import Config
 from jaxformer.data import images, lra
 from jaxformer.data.classification import PackageSnippets
 from jaxformer.data.errors import DataError
-from jaxformer.data.manifest import synthetic_manifest
+from jaxformer.data.manifest import Manifest, synthetic_manifest
 from jaxformer.objectives.base import Log, Objective, Task
 from jaxformer.objectives.registry import register
 from jaxformer.objectives.tasks import share_rows, text_pipeline
@@ -86,13 +86,7 @@ def _lra_task(name: str, cfg: Config, log: Log) -> Task:
                       cfg.model.num_labels, cfg.model.two_tower)
     log(f"data: {cfg.data.source}, {data.num_classes} classes, {data.vocab_size} token ids, "
         "generated per step (no tokenizer)")
-    return Task(name=name,
-                train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
-                    step, b, seed, share_rows(b, share, n)),
-                val_batches=lambda b, n: data.val_batches(b, n),
-                baseline_name="majority class",
-                baseline=data.majority_baseline(cfg.train.batch_size, cfg.eval.batches),
-                data_manifest=synthetic_manifest(cfg.data.source))
+    return _generated_task(name, cfg, data, synthetic_manifest(cfg.data.source))
 
 
 def _image_task(name: str, cfg: Config, log: Log) -> Task:
@@ -104,10 +98,16 @@ def _image_task(name: str, cfg: Config, log: Log) -> Task:
     log(f"data: {cfg.data.source}, {len(data.train_labels)} training and "
         f"{len(data.heldout_labels)} held-out images of {m.image_size}x{m.image_size}x"
         f"{m.image_channels}, {data.num_classes} classes; {m.image_tokens} tokens per image")
+    return _generated_task(name, cfg, data, data.manifest)
+
+
+def _generated_task(name: str, cfg: Config, data: Any, manifest: Manifest) -> Task:
+    """The Task of a tokenizer-free source (an LRA task or an image set): its
+    step-indexed training batches, fixed held-out batches and majority-class baseline."""
     return Task(name=name,
                 train_batch=lambda step, b, seed, share=0, n=1: data.train_batch(
                     step, b, seed, share_rows(b, share, n)),
                 val_batches=lambda b, n: data.val_batches(b, n),
                 baseline_name="majority class",
                 baseline=data.majority_baseline(cfg.train.batch_size, cfg.eval.batches),
-                data_manifest=data.manifest)
+                data_manifest=manifest)
