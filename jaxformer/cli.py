@@ -167,13 +167,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --sweep: mesh presets, comma-separated")
     p.add_argument("--remats", default="none,save_dots_no_batch,save_dots,full",
                    help="with --sweep: remat policies, comma-separated")
-    p = sub.add_parser("attention", help="per-layer, per-head attention heat maps of a prompt")
+    p = sub.add_parser("attention", help="per-layer, per-head attention heat maps of a prompt "
+                       "(an image run: the [CLS] attention over a held-out image)")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--text", required=True, help="the prompt (encoder-decoder: the source)")
+    p.add_argument("--text", help="the prompt (encoder-decoder: the source); text runs only")
+    p.add_argument("--image", type=int, metavar="I",
+                   help="image runs: the index of the held-out image to draw (default 0)")
     p.add_argument("--out", type=Path, required=True, help="directory for the PNGs and npz")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--layers", nargs="+", metavar="I",
-                   help="layer indices, e.g. 0 -1 or 0,2 (default: all)")
+                   help="layer indices, e.g. 0 -1 or 0,2 (default: all; an image run: the "
+                        "last)")
     p.add_argument("--target", help="encoder-decoder: decoder text (default: greedy output)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="encoder-decoder: length limit of the greedy output")
@@ -361,6 +365,7 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench, "compi
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from jaxformer.analysis.attention_maps import write_attention_maps
+    from jaxformer.runs import rundir
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -370,9 +375,23 @@ def cmd_attention(args: argparse.Namespace) -> int:
             layers = [int(x) for arg in args.layers for x in arg.split(",") if x.strip()]
         except ValueError as e:
             raise UserError(f"--layers takes integers, e.g. 0 -1 or 0,2: {e}") from None
-    written = write_attention_maps(args.run_dir, args.text, args.out, step=args.step,
-                                   layers=layers, target=args.target,
-                                   max_new_tokens=args.max_new_tokens)
+    saved = rundir.read_config(args.run_dir) if args.run_dir.is_dir() else None
+    if saved is not None and saved.model.patch_size > 0:
+        from jaxformer.analysis.image_attention import write_image_attention
+
+        if args.text is not None or args.target is not None:
+            raise UserError(f"{args.run_dir} holds an image encoder: it draws a held-out "
+                            "image (--image I), not --text/--target")
+        written = write_image_attention(args.run_dir, args.out, index=args.image or 0,
+                                        step=args.step, layers=layers)
+    else:
+        if args.text is None:
+            raise UserError("attention on a text run needs --text, the prompt to draw")
+        if args.image is not None:
+            raise UserError(f"--image is for image runs; {args.run_dir} reads text")
+        written = write_attention_maps(args.run_dir, args.text, args.out, step=args.step,
+                                       layers=layers, target=args.target,
+                                       max_new_tokens=args.max_new_tokens)
     for path in written:
         print(f"wrote {path}")
     return 0

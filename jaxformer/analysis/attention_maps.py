@@ -241,8 +241,9 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
         raise UserError(f"{run_dir} is not a jaxformer run dir (no {rundir.CONFIG_FILE})")
     if saved.model.patch_size > 0:
         raise UserError(f"{run_dir} holds an image encoder (model.patch_size="
-                        f"{saved.model.patch_size}); attention maps draw the tokens of a text "
-                        "prompt")
+                        f"{saved.model.patch_size}); draw its [CLS] attention over a held-out "
+                        "image with analysis.image_attention.write_image_attention (jaxformer "
+                        "attention RUN_DIR --image I)")
     synthetic = is_synthetic(saved.data.source)  # fixed symbol vocabulary, no tokenizer file
     if not tok_path.is_file() and not synthetic:
         raise UserError(f"{run_dir} has no {rundir.TOKENIZER_FILE}; attention maps label "

@@ -316,3 +316,15 @@ def test_efficient_attention_family_run_is_refused(run_dirs, tmp_path, capsys):
     rc, _, stderr = run_cli(capsys, run, "--text", "hi", "--out", tmp_path / "out")
     assert rc == 2 and "attention_type='linear'" in stderr and "no softmax attention map" in stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], "attention on a text run needs --text"),
+    (["--text", "x", "--image", "1"], "--image is for image runs"),
+])
+def test_text_runs_need_text_and_take_no_image(run_dirs, tmp_path, capsys, flags, needle):
+    out = tmp_path / "maps"
+    assert cli.main(["attention", str(run_dirs["gpt2"]), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
+    assert not out.exists()

@@ -22,11 +22,11 @@ IMAGE, PATCH, CHANNELS, LABELS = 16, 4, 3, 5
 
 def tiny_vit(tmp_path, **overrides):
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=IMAGE, patch_size=PATCH, num_channels=CHANNELS,
-                                 hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, num_labels=LABELS,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                 **overrides)
+    shape = dict(image_size=IMAGE, patch_size=PATCH, num_channels=CHANNELS,
+                 num_labels=LABELS)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0, **{**shape, **overrides})
     model = transformers.ViTForImageClassification(cfg).eval()
     # Every parameter random and away from its init (norm scales near 1, biases and [CLS]
     # non-zero), so a mis-mapped or transposed one shows in the logits.
@@ -96,6 +96,7 @@ def test_convert_cli_imports_a_vit_run_dir(tmp_path, capsys):
 def test_convert_refuses_a_vit_no_image_source_fits(tmp_path, capsys):
     """A run dir names its data source; 16x16 RGB images with 5 classes have none."""
     _, directory = tiny_vit(tmp_path)
+    capsys.readouterr()  # transformers' progress bar of save_pretrained
     out = tmp_path / "run"
     assert cli.main(["convert", "--from-hf", str(directory), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -114,6 +115,7 @@ def test_unrepresentable_vit_configs_are_one_line_errors(tmp_path, capsys, edit,
     _, directory = tiny_vit(tmp_path)
     path = directory / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    capsys.readouterr()  # transformers' progress bar of save_pretrained
     with pytest.raises(HFConversionError, match=message):
         from_pretrained(directory)
     out = tmp_path / "run"
