@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
-from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
+from jaxformer.hf.mapping import (
+    Rule,
+    dense_rules,
+    flat,
+    in_major,
+    layernorm_rules,
+    out_major,
+    transpose,
+)
 from jaxformer.hf.tokens import known
 from jaxformer.models import presets
 
@@ -118,22 +126,12 @@ def check_exportable(cfg: ModelConfig) -> None:
                                 f"({cfg.d_model})")
 
 
-def _dense(ours: str, theirs: str) -> list[Rule]:
-    """A jaxformer Dense (w [in, out], b) <-> a torch Linear (weight [out, in], bias)."""
-    return [Rule(ours + "/w", theirs + ".weight", to_ours=transpose, to_theirs=transpose),
-            Rule(ours + "/b", theirs + ".bias")]
-
-
-def _norm(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(ours + "/scale", theirs + ".weight"), Rule(ours + "/bias", theirs + ".bias")]
-
-
 def rules(cfg: ModelConfig) -> list[Rule]:
     emb = "bert.embeddings."
     out = [Rule("embed/table", emb + "word_embeddings.weight"),
            Rule("inputs/positions/table", emb + "position_embeddings.weight"),
            Rule("inputs/token_types/table", emb + "token_type_embeddings.weight"),
-           *_norm("inputs/norm", emb + "LayerNorm")]
+           *layernorm_rules("inputs/norm", emb + "LayerNorm")]
 
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks/{i}/", f"bert.encoder.layer.{i}."
@@ -146,20 +144,20 @@ def rules(cfg: ModelConfig) -> list[Rule]:
             Rule(ours + "attn/w_out", theirs + "attention.output.dense.weight",
                  to_ours=transpose, to_theirs=out_major),
             Rule(ours + "attn/b_out", theirs + "attention.output.dense.bias"),
-            *_norm(ours + "attn_norm", theirs + "attention.output.LayerNorm"),
+            *layernorm_rules(ours + "attn_norm", theirs + "attention.output.LayerNorm"),
             Rule(ours + "mlp/wi", theirs + "intermediate.dense.weight", to_ours=transpose,
                  to_theirs=transpose),
             Rule(ours + "mlp/bi", theirs + "intermediate.dense.bias"),
             Rule(ours + "mlp/wo", theirs + "output.dense.weight", to_ours=transpose,
                  to_theirs=transpose),
             Rule(ours + "mlp/bo", theirs + "output.dense.bias"),
-            *_norm(ours + "mlp_norm", theirs + "output.LayerNorm"),
+            *layernorm_rules(ours + "mlp_norm", theirs + "output.LayerNorm"),
         ]
     if cfg.num_labels > 0:
-        out += _dense("pooler", "bert.pooler.dense") + _dense("classifier", "classifier")
+        out += dense_rules("pooler", "bert.pooler.dense") + dense_rules("classifier", "classifier")
         return out
-    out += [*_dense("mlm/transform", "cls.predictions.transform.dense"),
-            *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+    out += [*dense_rules("mlm/transform", "cls.predictions.transform.dense"),
+            *layernorm_rules("mlm/norm", "cls.predictions.transform.LayerNorm"),
             Rule("mlm/bias", "cls.predictions.bias")]
     if not cfg.tie_embeddings:
         # Untied, transformers saves the decoder's own copy of the bias too (and uses it).

@@ -110,3 +110,14 @@ def export_tensors(rules: list[Rule], flat: dict[str, np.ndarray]) -> dict[str, 
     return {r.theirs: np.asarray(r.to_theirs(*[np.asarray(flat[p], np.float32) for p in r.paths]),
                                  np.float32)
             for r in rules}
+
+
+def dense_rules(ours: str, theirs: str) -> list[Rule]:
+    """A jaxformer Dense (w [in, out], b) <-> a torch Linear (weight [out, in], bias)."""
+    return [Rule(ours + "/w", theirs + ".weight", to_ours=transpose, to_theirs=transpose),
+            Rule(ours + "/b", theirs + ".bias")]
+
+
+def layernorm_rules(ours: str, theirs: str) -> list[Rule]:
+    """A jaxformer LayerNorm (scale, bias) <-> a torch LayerNorm (weight, bias)."""
+    return [Rule(ours + "/scale", theirs + ".weight"), Rule(ours + "/bias", theirs + ".bias")]

@@ -28,7 +28,15 @@ import numpy as np
 
 from jaxformer.config import ModelConfig
 from jaxformer.hf.checkpoint_io import HFConversionError
-from jaxformer.hf.mapping import Rule, flat, in_major, out_major, transpose
+from jaxformer.hf.mapping import (
+    Rule,
+    dense_rules,
+    flat,
+    in_major,
+    layernorm_rules,
+    out_major,
+    transpose,
+)
 from jaxformer.models import presets
 
 MODEL_TYPE = "vit"
@@ -116,15 +124,6 @@ def _leading_ones(x: np.ndarray) -> np.ndarray:
     return x.reshape(1, *((1,) if x.ndim == 1 else ()), *x.shape)
 
 
-def _dense(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(ours + "/w", theirs + ".weight", to_ours=transpose, to_theirs=transpose),
-            Rule(ours + "/b", theirs + ".bias")]
-
-
-def _norm(ours: str, theirs: str) -> list[Rule]:
-    return [Rule(ours + "/scale", theirs + ".weight"), Rule(ours + "/bias", theirs + ".bias")]
-
-
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Names as ``save_pretrained`` writes them (transformers 4 and 5 alike)."""
     emb = "vit.embeddings."
@@ -145,12 +144,13 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         out += [Rule(ours + "attn/w_out", theirs + "attention.output.dense.weight",
                      to_ours=transpose, to_theirs=out_major),
                 Rule(ours + "attn/b_out", theirs + "attention.output.dense.bias"),
-                *_norm(ours + "attn_norm", theirs + "layernorm_before"),
+                *layernorm_rules(ours + "attn_norm", theirs + "layernorm_before"),
                 Rule(ours + "mlp/wi", theirs + "intermediate.dense.weight",
                      to_ours=transpose, to_theirs=transpose),
                 Rule(ours + "mlp/bi", theirs + "intermediate.dense.bias"),
                 Rule(ours + "mlp/wo", theirs + "output.dense.weight", to_ours=transpose,
                      to_theirs=transpose),
                 Rule(ours + "mlp/bo", theirs + "output.dense.bias"),
-                *_norm(ours + "mlp_norm", theirs + "layernorm_after")]
-    return out + [*_norm("final_norm", "vit.layernorm"), *_dense("classifier", "classifier")]
+                *layernorm_rules(ours + "mlp_norm", theirs + "layernorm_after")]
+    return out + [*layernorm_rules("final_norm", "vit.layernorm"),
+                  *dense_rules("classifier", "classifier")]
