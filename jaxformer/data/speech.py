@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -107,6 +108,26 @@ class MorseSpec:
     def max_samples(self) -> int:
         return int(round(self.max_seconds * self.sample_rate))
 
+    def draw(self, rng: np.random.Generator, heldout: bool) -> tuple[np.ndarray, str]:
+        return random_example(rng, heldout, self)
+
+
+class ClipSpec(Protocol):
+    """What a speech source's spec gives (``MorseSpec``, ``dtmf.DtmfSpec``): clips of at most
+    ``max_samples`` at ``sample_rate`` with transcripts of at most ``max_chars``."""
+
+    sample_rate: int
+
+    @property
+    def max_samples(self) -> int: ...
+
+    @property
+    def max_chars(self) -> int: ...
+
+    def draw(self, rng: np.random.Generator, heldout: bool) -> tuple[np.ndarray, str]:
+        """One (clip [N] float32, text) on the requested side of the held-out split."""
+        ...
+
 
 # --- text and its vocabulary ---------------------------------------------------------------
 
@@ -145,7 +166,7 @@ def random_text(rng: np.random.Generator, min_chars: int, max_chars: int,
     return "".join(out)
 
 
-def _is_heldout(text: str) -> bool:
+def is_heldout(text: str) -> bool:
     """The fixed split: texts whose CRC-32 is 0 mod 10 are held out."""
     return zlib.crc32(text.encode("ascii")) % 10 == 0
 
@@ -274,22 +295,22 @@ def random_example(rng: np.random.Generator, heldout: bool, spec: MorseSpec = DE
     one is on that side and fits at the fastest speed with the longest margins."""
     for _ in range(max_tries):
         text = random_text(rng, spec.min_chars, spec.max_chars, spec.space_p)
-        if _is_heldout(text) == heldout and _fits(text, spec):
+        if is_heldout(text) == heldout and _fits(text, spec):
             return render_morse(text, rng, spec), text
     raise DataError(f"no {'held-out' if heldout else 'training'} text in {max_tries} draws "
                     f"fits MorseSpec(min_chars={spec.min_chars}, max_chars={spec.max_chars}, "
                     f"max_seconds={spec.max_seconds})")
 
 
-def train_example(seed: int, step: int, row: int, spec: MorseSpec = DEFAULT_SPEC
+def train_example(seed: int, step: int, row: int, spec: ClipSpec = DEFAULT_SPEC
                   ) -> tuple[np.ndarray, str]:
     """Training row ``row`` of step ``step``: a pure function of (seed, step, row)."""
-    return random_example(np.random.default_rng([seed, step, row]), False, spec)
+    return spec.draw(np.random.default_rng([seed, step, row]), False)
 
 
-def heldout_example(k: int, spec: MorseSpec = DEFAULT_SPEC) -> tuple[np.ndarray, str]:
+def heldout_example(k: int, spec: ClipSpec = DEFAULT_SPEC) -> tuple[np.ndarray, str]:
     """Held-out example ``k``: the same for every seed and run."""
-    return random_example(np.random.default_rng([_VAL_KEY, k]), True, spec)
+    return spec.draw(np.random.default_rng([_VAL_KEY, k]), True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,14 +331,14 @@ def pad_batch(examples: Sequence[tuple[np.ndarray, str]], n_samples: int) -> Spe
                        [text for _, text in examples])
 
 
-def train_batch(seed: int, step: int, batch_size: int, spec: MorseSpec = DEFAULT_SPEC
+def train_batch(seed: int, step: int, batch_size: int, spec: ClipSpec = DEFAULT_SPEC
                 ) -> SpeechBatch:
     """Rows 0..B-1 of step ``step``, padded to ``spec.max_samples``."""
     rows = [train_example(seed, step, b, spec) for b in range(batch_size)]
     return pad_batch(rows, spec.max_samples)
 
 
-def heldout_batch(start: int, batch_size: int, spec: MorseSpec = DEFAULT_SPEC) -> SpeechBatch:
+def heldout_batch(start: int, batch_size: int, spec: ClipSpec = DEFAULT_SPEC) -> SpeechBatch:
     """Held-out examples start..start+B-1, padded to ``spec.max_samples``."""
     rows = [heldout_example(k, spec) for k in range(start, start + batch_size)]
     return pad_batch(rows, spec.max_samples)

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxformer.config import AUDIO_HOP
-from jaxformer.data import speech
+from jaxformer.data import dtmf, speech
 from jaxformer.data.errors import DataError
 
 PREFIX = "speech:"
-SOURCES = ("morse",)
+SOURCES = ("morse", "dtmf")
 HELDOUT_CLIPS = 256  # what eval.batches=0 reads
 Batch = dict[str, np.ndarray]
 
@@ -40,16 +40,18 @@ def is_speech(source: str) -> bool:
     return source.startswith(PREFIX)
 
 
-def spec_for(source: str, sample_rate: int, clip_seconds: float) -> speech.MorseSpec:
+def spec_for(source: str, sample_rate: int, clip_seconds: float) -> speech.ClipSpec:
     """The clip distribution ``source`` names, at the data's rate and longest clip."""
     name = source[len(PREFIX):]
     if name not in SOURCES:
         raise DataError(f"unknown speech source {source!r}; choose one of "
                         f"{', '.join(PREFIX + s for s in SOURCES)}")
+    if name == "dtmf":
+        return dtmf.DtmfSpec(sample_rate=sample_rate, max_seconds=clip_seconds)
     return speech.MorseSpec(sample_rate=sample_rate, max_seconds=clip_seconds)
 
 
-def decoder_length(spec: speech.MorseSpec) -> int:
+def decoder_length(spec: speech.ClipSpec) -> int:
     """Decoder positions the longest transcript takes: its characters + EOS (or BOS)."""
     return spec.max_chars + 1
 
@@ -100,7 +102,7 @@ class SpeechTask:
     """One speech source at one clip length and decoder length."""
 
     source: str
-    spec: speech.MorseSpec
+    spec: speech.ClipSpec
     seq_len: int
 
     @classmethod
@@ -128,7 +130,7 @@ class SpeechTask:
 
 
 @functools.lru_cache(maxsize=4096)
-def _heldout(spec: speech.MorseSpec, k: int) -> tuple[np.ndarray, str]:
+def _heldout(spec: speech.ClipSpec, k: int) -> tuple[np.ndarray, str]:
     # Rendered once per process: every evaluation reads the same clips.
     return speech.heldout_example(k, spec)
 
