@@ -30,7 +30,7 @@ class ModelConfig:
     """Transformer shape, block choices and numerics. Defaults give the GPT-2 layout; the
     presets in ``jaxformer.models.presets`` set the other families."""
 
-    arch: str = "decoder"  # decoder | encoder | encoder_decoder
+    arch: str = "decoder"  # decoder | encoder | encoder_decoder | image_prefix
     n_layers: int = 4  # encoder_decoder: encoder layers
     n_decoder_layers: int = 0  # encoder_decoder: decoder layers; 0 means n_layers
     d_model: int = 256
@@ -75,6 +75,12 @@ class ModelConfig:
     patch_size: int = 0
     image_size: int = 0  # with patch_size: the side of the square images, in pixels
     image_channels: int = 0  # with patch_size: channels per pixel (1 grey, 3 RGB)
+    # Image-prefix decoder (model.arch='image_prefix'; PaLI / LLaVA-style, docs/vision.md): a
+    # ViT of vision_layers blocks (the model's width and block kind, 2-D sin-cos positions, no
+    # [CLS]) reads the image; an MLP projector maps its patch states to the decoder's input
+    # vectors, a bidirectional prefix before the text (n_layers: the decoder's blocks).
+    vision_layers: int = 0
+    freeze_vision: bool = False  # with vision_layers: the vision tower is not trained
     # Whisper-style speech recognizer (Radford et al. 2022; docs/speech.md): > 0 makes an
     # encoder_decoder's encoder read audio waves as a log-Mel spectrogram of this many channels
     # (25 ms windows, 10 ms hop), two kernel-3 convolutions with GELU (the second of stride 2)
@@ -160,7 +166,8 @@ class ModelConfig:
         ``pooling='first'`` reads (0 for a token model)."""
         if self.patch_size <= 0:
             return 0
-        return (self.image_size // self.patch_size) ** 2 + (self.pooling == "first")
+        cls = self.pooling == "first" and self.arch == "encoder"
+        return (self.image_size // self.patch_size) ** 2 + cls
 
 
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
@@ -194,6 +201,9 @@ class DataConfig:
     val_fraction: float = 0.05  # share of *documents* held out for validation
     seed: int = 0  # shuffles documents (split, order); independent of the training seed
     cache_dir: str = ""  # "" means $JAXFORMER_CACHE or ~/.cache/jaxformer
+    # The kind of tokenizer a new run trains on its documents (jaxformer.data.tokenizer_kinds):
+    # bpe (GPT-2 byte-level) | wordpiece (BERT) | unigram (T5's SentencePiece) | char | bytes
+    tokenizer: str = "bpe"
     # Image sources (model.patch_size > 0): each training image moved by a random offset of up
     # to this many pixels along each axis (zeros shifted in), a pure function of (seed, step,
     # row); held-out images are never moved. 0: off.
@@ -486,7 +496,7 @@ def _type_name(typ: Any) -> str:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_encoding": ("learned", "sinusoidal", "sinusoidal_2d", "rope", "alibi",
                            "t5_relative", "shaw", "none"),
-    "model.arch": ("decoder", "encoder", "encoder_decoder"),
+    "model.arch": ("decoder", "encoder", "encoder_decoder", "image_prefix"),
     "model.attention_type": ("mha", "mla", "longformer", "bigbird", "performer", "rfa",
                              "linear", "lsh", "aft_full", "aft_local", "aft_simple"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
@@ -500,6 +510,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mesh.preset": ("data", "fsdp", "fsdp_tensor", "sequence", "expert"),
     "train.schedule": ("cosine", "linear", "constant", "wsd", "inverse_sqrt"),
     "checkpoint.on_error": ("stop", "retry"),
+    "data.tokenizer": ("bpe", "wordpiece", "unigram", "char", "bytes"),
 }
 _POSITIVE = ("model.n_layers", "model.d_model", "model.n_heads", "model.vocab_size",
              "model.max_len", "data.seq_len", "train.batch_size", "train.steps",
@@ -558,7 +569,8 @@ def validate(cfg: Config) -> Config:
                 "model.sliding_window", "model.n_decoder_layers", "model.type_vocab_size",
                 "model.num_labels", "model.kv_lora_rank", "model.q_lora_rank",
                 "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim",
-                "model.patch_size", "model.image_size", "model.image_channels"):
+                "model.patch_size", "model.image_size", "model.image_channels",
+                "model.vision_layers"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be >= 0")
     if m.attention_type == "mla" and (
@@ -767,6 +779,14 @@ def validate_image_model(cfg: Config) -> None:
         raise ConfigError(f"model.pos_encoding='sinusoidal_2d' encodes the rows and columns of "
                           f"image patches: it needs model.patch_size > 0 and a model.d_model "
                           f"divisible by 4 (got {m.patch_size} and {m.d_model})")
+    if m.arch != "image_prefix" and (m.vision_layers or m.freeze_vision):
+        key = (f"model.vision_layers={m.vision_layers}" if m.vision_layers
+               else "model.freeze_vision=true")
+        raise ConfigError(f"{key} shapes an image-prefix decoder's vision tower: it needs "
+                          f"model.arch='image_prefix' (got {m.arch!r})")
+    if m.arch == "image_prefix" and m.patch_size <= 0:
+        raise ConfigError("model.arch='image_prefix' reads images: it needs model.patch_size > 0,"
+                          " model.image_size and model.image_channels (docs/vision.md)")
     if m.patch_size <= 0:
         if cfg.data.image_shift > 0:
             raise ConfigError(f"data.image_shift={cfg.data.image_shift} moves training images: "
@@ -774,6 +794,9 @@ def validate_image_model(cfg: Config) -> None:
                               "data.image_shift=0")
         return
     where = f"model.patch_size={m.patch_size} (an image encoder)"
+    if m.arch == "image_prefix":
+        validate_image_prefix(cfg)
+        return
     if m.arch != "encoder" or m.num_labels < 2 or m.two_tower:
         raise ConfigError(f"{where} classifies images: it needs model.arch='encoder' and "
                           f"model.num_labels >= 2 without two_tower (got {m.arch!r}, "
@@ -797,6 +820,42 @@ def validate_image_model(cfg: Config) -> None:
     if cfg.data.seq_len != m.image_tokens:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be an image's token count with "
                           f"{where}: set data.seq_len={m.image_tokens} ({what})")
+
+
+def validate_image_prefix(cfg: Config) -> None:
+    """An image-prefix decoder: a vision tower of at least one block, square images of whole
+    patches, dense attention (the prefix mask), and the image's patches plus the text
+    (``data.seq_len``) within ``model.max_len``."""
+    m = cfg.model
+    if m.vision_layers <= 0:
+        raise ConfigError("model.arch='image_prefix' needs a vision tower: set "
+                          "model.vision_layers >= 1")
+    if m.image_size <= 0 or m.image_channels <= 0:
+        raise ConfigError(f"model.arch='image_prefix' needs model.image_size > 0 and "
+                          f"model.image_channels > 0 (got {m.image_size} and "
+                          f"{m.image_channels})")
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} is not divisible by "
+                          f"model.patch_size={m.patch_size}: the patches must tile the image")
+    if m.d_model % 4:
+        raise ConfigError(f"model.arch='image_prefix' gives its vision tower 2-D sin-cos "
+                          f"positions: model.d_model must be divisible by 4 (got {m.d_model})")
+    if m.attention_type != "mha" or m.mtp_heads or m.num_labels:
+        raise ConfigError(f"model.arch='image_prefix' needs model.attention_type='mha' (the "
+                          f"prefix mask), no model.mtp_heads and no model.num_labels (got "
+                          f"{m.attention_type!r}, {m.mtp_heads}, {m.num_labels})")
+    if m.pos_encoding == "sinusoidal_2d":
+        raise ConfigError("model.pos_encoding='sinusoidal_2d' is the vision tower's own; the "
+                          "image-prefix decoder's positions run along [image; text]: use "
+                          "learned, sinusoidal, rope or none")
+    if cfg.data.image_shift > 0:
+        raise ConfigError("data.image_shift moves classification images; model.arch="
+                          "'image_prefix' composes its own: set data.image_shift=0")
+    need = m.image_tokens + cfg.data.seq_len
+    if need > m.max_len:
+        raise ConfigError(f"model.max_len={m.max_len} is shorter than an image's "
+                          f"{m.image_tokens} patches + data.seq_len={cfg.data.seq_len} text "
+                          f"tokens; set model.max_len >= {need}")
 
 
 AUDIO_HOP = 160  # samples per spectrogram frame (Whisper's 10 ms at 16 kHz)

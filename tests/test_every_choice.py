@@ -66,6 +66,7 @@ COMBINABLE: dict[str, str | dict[object, tuple[str, ...]]] = {
     "model.scan_layers": GENERIC,
     "train.schedule": GENERIC,
     "checkpoint.on_error": GENERIC,  # what a failed save does; tests/train/test_faults.py fails one
+    "data.tokenizer": GENERIC,  # tests/data/test_tokenizer_kinds.py trains each with objectives
     "mesh.preset": {"data": (), "fsdp": (), "sequence": (), "fsdp_tensor": ONE_DEVICE_TENSOR,
                     "expert": ("model.n_experts=2", "model.experts_top_k=1",
                                "model.moe_d_ff=32")},
@@ -80,9 +81,10 @@ OBJECTIVES: dict[object, Recipe] = {
                                     "model.n_decoder_layers=1")),
     # synthetic sequence reversal: its own vocabulary and lengths, no corpus
     "seq2seq": ("transformer_2017", ("model.dropout=0",)),
-    # synthesized Morse-code speech -> its transcript: audio batches, no corpus
-    "transcription": ("speech_tiny", ("model.dropout=0", "model.audio_mels=16",
-                                      "data.seq_len=7")),
+    # synthesized touch-tone speech -> its transcript: audio batches, no corpus
+    "transcription": ("speech_tiny", ("model.dropout=0", "model.audio_mels=16")),
+    # generated images of digits -> their captions: an image-prefix decoder, no corpus
+    "captioning": ("caption_digits", ("model.dropout=0", "model.vision_layers=1")),
     # which of 2 stdlib packages a snippet is from; trained from scratch here
     "classification": ("bert_classify", (*TEXT, "model.num_labels=2", "train.init_from=",
                                          "model.dropout=0")),
@@ -127,7 +129,8 @@ SEPARATE: dict[str, dict[object, Recipe]] = {
     "objective.kind": OBJECTIVES,
     "model.attention_type": ATTENTION_TYPES,
     "model.arch": {"decoder": OBJECTIVES["causal"], "encoder": OBJECTIVES["masked_lm"],
-                   "encoder_decoder": OBJECTIVES["span_corruption"]},
+                   "encoder_decoder": OBJECTIVES["span_corruption"],
+                   "image_prefix": OBJECTIVES["captioning"]},
     # what the classifier's pooler reads: only a classifier has one
     "model.pooling": {"first": OBJECTIVES["classification"],
                       "mean": (OBJECTIVES["classification"][0],

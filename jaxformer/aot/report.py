@@ -53,16 +53,23 @@ _BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 
 def abstract_batch(rt: Runtime) -> dict[str, jax.ShapeDtypeStruct]:
     """The train batch as sharded ShapeDtypeStructs: [B, T] int32 (float32 loss weights), or
-    an image encoder's pixels and labels (``data.images.batch_shapes``)."""
+    an image encoder's pixels and labels (``data.images.batch_shapes``); an image-prefix
+    decoder's text rows + pixels [B, S, S, C] float32."""
     cfg = rt.cfg
-    if cfg.model.patch_size > 0:
+    if cfg.model.patch_size > 0 and cfg.model.arch != "image_prefix":
         shapes = images.batch_shapes(cfg.train.batch_size, cfg.model.image_size,
                                      cfg.model.image_channels)
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rt.batch_sharding)
                 for k, (shape, dtype) in shapes.items()}
     shape = (cfg.train.batch_size, cfg.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
-                                    sharding=rt.batch_sharding) for k in _BATCH_KEYS}
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=rt.batch_sharding) for k in _BATCH_KEYS}
+    if cfg.model.arch == "image_prefix":  # + the images whose patches are the prefix
+        m = cfg.model
+        batch["pixels"] = jax.ShapeDtypeStruct(
+            (cfg.train.batch_size, m.image_size, m.image_size, m.image_channels), jnp.float32,
+            sharding=rt.batch_sharding)
+    return batch
 
 
 def compile_report(cfg: Config, topology: str, slices: int = 1, *, eval_step: bool = True,

@@ -12,6 +12,8 @@ call only these two functions, so every loop works for every family.
 - ``AudioSeq2SeqFamily``: an encoder-decoder whose encoder reads audio (Whisper,
   ``model.audio_mels > 0``): the prompts are waves (1-D float arrays at the model's sample
   rate), packed into a zero-padded [B, N] float batch whose lengths count samples.
+- ``ImagePrefixFamily``: an image-prefix decoder (``model.arch='image_prefix'``): the prompts
+  are images, whose projected patches are the cache's first slots.
 
 Each family packs its own prompts (``pack``): token ids, or waves.
 
@@ -254,7 +256,70 @@ class AudioSeq2SeqFamily(Seq2SeqFamily):
         return logits[:, -1], state, 1
 
 
-Family = DecoderFamily | Seq2SeqFamily
+class ImagePrefixFamily:
+    """An image-prefix decoder (``model.arch='image_prefix'``): the prompts are images
+    [H, W, C] float; the image's projected patches fill cache slots 0..N-1 (attending both ways,
+    as trained), the decoder-start token slot N, and each new token the next slot."""
+
+    kind = "image_prefix"
+    left_pad = False
+
+    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, *, decoder_start_id: int,
+                 unpack: Unpack | None = None):
+        self.cfg, self.graphdef = cfg, graphdef
+        self.decoder_start_id = decoder_start_id
+        self.unpack = unpack or (lambda p: p)
+        self.vocab_size = cfg.vocab_size
+        self.patches = (cfg.image_size // cfg.patch_size) ** 2
+
+    def _model(self, params: Any) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.unpack(params))
+
+    def pack(self, prompts: Sequence[np.ndarray], pad_id: int) -> Prompts:
+        """Images -> Prompts(tokens=[B, H, W, C] float32, lengths=[B] patches)."""
+        del pad_id  # every image is whole
+        m = self.cfg
+        want = (m.image_size, m.image_size, m.image_channels)
+        images = [np.asarray(x, np.float32) for x in prompts]
+        if not images or any(x.shape != want for x in images):
+            got = sorted({str(x.shape) for x in images}) or ["none"]
+            raise UserError(f"this model reads images of shape {want} (model.image_size, "
+                            f"model.image_channels), got {', '.join(got)}")
+        return Prompts(np.stack(images), np.full((len(images),), self.patches, np.int32))
+
+    def cache_len(self, prompt_width: int, max_new_tokens: int) -> int:
+        """The image's patches, the start token and the new tokens (the last one's logits are
+        never read), within ``model.max_len``."""
+        need = self.patches + max_new_tokens
+        if need > self.cfg.max_len:
+            raise UserError(f"the image ({self.patches} patches) + max new tokens "
+                            f"({max_new_tokens}) = {need} exceeds the model's context "
+                            f"(model.max_len {self.cfg.max_len})")
+        return need
+
+    def prefill(self, params: Any, tokens: jnp.ndarray, lengths: jnp.ndarray,
+                cache_len: int) -> tuple[jnp.ndarray, State, int]:
+        """Images [B, H, W, C] -> (logits of the first text token [B, V], state, N + 1)."""
+        model = self._model(params)
+        b = tokens.shape[0]
+        start = jnp.full((b, 1), self.decoder_start_id, jnp.int32)
+        logits, cache = model.prefill(tokens, start, model.init_cache(b, cache_len))
+        return logits[:, -1], {"cache": cache}, self.patches + 1
+
+    def history(self, tokens: jnp.ndarray, lengths: jnp.ndarray
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """What logits processors see before the first new token: the start token."""
+        b = tokens.shape[0]
+        return (jnp.full((b, 1), self.decoder_start_id, jnp.int32),
+                jnp.zeros((b,), jnp.int32))
+
+    def step(self, params: Any, tokens: jnp.ndarray, state: State,
+             slot: jnp.ndarray) -> tuple[jnp.ndarray, State]:
+        logits, cache = self._model(params).decode(tokens, state["cache"], slot)
+        return logits, {**state, "cache": cache}
+
+
+Family = DecoderFamily | Seq2SeqFamily | ImagePrefixFamily
 
 
 def decodes(model: ModelConfig) -> bool:
@@ -289,5 +354,10 @@ def family_for(cfg: Config, graphdef: nnx.GraphDef, *, decoder_start_id: int | N
             raise UserError("an encoder-decoder model needs its decoder-start token id")
         family = AudioSeq2SeqFamily if cfg.model.audio_mels > 0 else Seq2SeqFamily
         return family(cfg.model, graphdef, decoder_start_id=decoder_start_id, unpack=unpack)
+    if arch == "image_prefix":
+        if decoder_start_id is None:
+            raise UserError("an image-prefix model needs its decoder-start token id")
+        return ImagePrefixFamily(cfg.model, graphdef, decoder_start_id=decoder_start_id,
+                                 unpack=unpack)
     raise UserError(f"model.arch={arch!r} does not generate text: an encoder predicts labels "
                     "or masked tokens, not continuations")

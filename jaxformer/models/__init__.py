@@ -9,6 +9,8 @@ Calling conventions (all arrays [B, T] int unless said otherwise; logits float32
                        -> [B, num_labels]
     encoder_decoder  EncoderDecoderLM(enc_tokens, dec_tokens, enc_segment_ids, dec_segment_ids,
                        enc_positions=None, dec_positions=None) -> [B, T_dec, V]
+    image_prefix     ImagePrefixLM(pixels [B, H, W, C] float, tokens, segment_ids) -> [B, T, V]
+                       (the image's projected patches a bidirectional prefix of a decoder)
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from jaxformer.config import ModelConfig
 from jaxformer.models.decoder import DecoderLM
 from jaxformer.models.encoder import EncoderModel
 from jaxformer.models.encoder_decoder import EncoderDecoderLM
+from jaxformer.models.image_prefix import ImagePrefixLM
 
 # model.arch -> the class that builds it.
 ARCHITECTURES: dict[str, type[nnx.Module]] = {
-    "decoder": DecoderLM, "encoder": EncoderModel, "encoder_decoder": EncoderDecoderLM}
+    "decoder": DecoderLM, "encoder": EncoderModel, "encoder_decoder": EncoderDecoderLM,
+    "image_prefix": ImagePrefixLM}
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -33,4 +37,5 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return ARCHITECTURES[cfg.arch](cfg, rngs=rngs)
 
 
-__all__ = ["ARCHITECTURES", "DecoderLM", "EncoderDecoderLM", "EncoderModel", "build_model"]
+__all__ = ["ARCHITECTURES", "DecoderLM", "EncoderDecoderLM", "EncoderModel", "ImagePrefixLM",
+           "build_model"]

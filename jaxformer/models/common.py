@@ -115,10 +115,15 @@ class InputEmbedding(nnx.Module):
                  token_types: jnp.ndarray | None = None,
                  dropout_rng: jax.Array | None = None) -> jnp.ndarray:
         """tokens, positions, token_types: [B, T] int -> [B, T, D] in the compute dtype."""
+        return self.add(self.lookup(embed, tokens), positions, token_types, dropout_rng)
+
+    def lookup(self, embed: Embedding, tokens: jnp.ndarray) -> jnp.ndarray:
+        """tokens [B, T] int -> their vectors [B, T, D] before positions (scaled by sqrt(D)
+        with ``model.embed_scale``)."""
         x = embed(tokens)
         if self.cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
-        return self.add(x, positions, token_types, dropout_rng)
+        return x
 
     def add(self, x: jnp.ndarray, positions: jnp.ndarray,
             token_types: jnp.ndarray | None = None,

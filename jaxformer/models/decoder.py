@@ -112,7 +112,8 @@ class DecoderLM(nnx.Module):
                  segment_ids: jnp.ndarray | None = None, *,
                  prefix: jnp.ndarray | None = None,
                  dropout_rng: jax.Array | None = None,
-                 return_mtp: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+                 return_mtp: bool = False, vectors: jnp.ndarray | None = None
+                 ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
         """Training / scoring forward pass.
 
         tokens, positions, segment_ids: [B, T] int (segment_ids None: one document per row;
@@ -125,6 +126,10 @@ class DecoderLM(nnx.Module):
         where mtp_logits[k - 1, :, i] predicts token i + k + 1 from depth k, which sees the
         main model's hidden state at i and the input tokens i + 1 .. i + k (0 past the end: a
         loss must weight those positions 0, as it must targets in another document).
+
+        vectors: [B, T, D] input vectors in place of the token embeddings (what an image-prefix
+        model feeds: its projected image patches, then ``embed_tokens`` of its text); the
+        positions and the rest of the stack are the same.
         """
         cfg = self.cfg
         if segment_ids is None:
@@ -137,7 +142,10 @@ class DecoderLM(nnx.Module):
             inputs.is_causal, inputs.segment_ids = True, segment_ids
         else:
             inputs.mask = prefix_mask(prefix) & segment_mask(segment_ids)
-        x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
+        if vectors is None:
+            x = self.inputs(self.embed, tokens, positions, dropout_rng=rngs[-1])
+        else:
+            x = self.inputs.add(vectors, positions, dropout_rng=rngs[-1])
         x = apply_blocks(self, self.blocks, cfg, x, rngs[:-1],
                          lambda block, h, rng: block(h, inputs, dropout_rng=rng)[0], inputs)
         if not return_mtp:
@@ -158,6 +166,11 @@ class DecoderLM(nnx.Module):
             h = depth(module, h, self.embed(shift_tokens(tokens, k)), rng)
             mtp_logits.append(self._logits(h))
         return self._logits(x), jnp.stack(mtp_logits)
+
+    def embed_tokens(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """tokens [B, T] int -> their input vectors [B, T, D] before positions (the lookup,
+        scaled by sqrt(D) with ``model.embed_scale``): what ``vectors`` continues."""
+        return self.inputs.lookup(self.embed, tokens)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache] | list[MLACache]:
         """Empty decode cache for ``length`` positions (at most model.max_len)."""
@@ -186,7 +199,8 @@ class DecoderLM(nnx.Module):
 
     def decode(self, tokens: jnp.ndarray, cache: list[LayerCache] | list[MLACache],
                cache_index: jnp.ndarray, *, offsets: jnp.ndarray | None = None,
-               prefix_end: jnp.ndarray | int | None = None, return_hidden: bool = False
+               prefix_end: jnp.ndarray | int | None = None, return_hidden: bool = False,
+               vectors: jnp.ndarray | None = None
                ) -> tuple[jnp.ndarray, list] | tuple[jnp.ndarray, list, jnp.ndarray]:
         """Incremental forward pass: tokens [B, T] int written at cache slots cache_index ..
         cache_index + T - 1 (a prompt when cache_index == 0, then one token at a time, or a few
@@ -196,12 +210,15 @@ class DecoderLM(nnx.Module):
         its first real slot and its padding is never attended to. prefix_end: slots below it
         attend to each other both ways, as a prefix-LM's prefix was trained (None: causal).
         return_hidden: also return the last block's output [B, T, D] (before the final norm:
-        what depth 1 of the MTP modules takes, see ``mtp_decode``).
+        what depth 1 of the MTP modules takes, see ``mtp_decode``). vectors: [B, T, D] input
+        vectors in place of the tokens' embeddings (as ``__call__``; tokens then give only the
+        shape).
         """
         b, t = tokens.shape
         s = cache_length(cache[0])
         positions, inputs = self._decode_inputs(b, t, s, cache_index, offsets, prefix_end)
-        x = self.inputs(self.embed, tokens, positions)
+        x = (self.inputs(self.embed, tokens, positions) if vectors is None
+             else self.inputs.add(vectors, positions))
         new_cache = []
         x1 = x2 = x  # model.reversible: the two halves of the residual stream
         for block, layer_cache in zip(self.blocks, cache, strict=True):

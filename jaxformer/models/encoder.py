@@ -130,6 +130,8 @@ class EncoderModel(nnx.Module):
             self.classifier = Dense(width, cfg.num_labels, ("embed", None),
                                     init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
                                     rngs=rngs)
+        elif cfg.patch_size > 0:  # an image encoder without a head: an image-prefix model's
+            self.mlm = self.pooler = self.classifier = None  # vision tower (encode_image)
         else:
             self.mlm = MaskedLMHead(cfg, rngs=rngs)
             self.pooler = self.classifier = None

@@ -37,6 +37,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "vit": dict(arch="encoder", pos_encoding="learned", norm="layernorm", norm_eps=1e-6,
                 norm_position="pre", final_norm=True, activation="gelu", use_bias=True,
                 embed_norm=False, type_vocab_size=0, pooling="first"),
+    # PaLI / LLaVA-style image-prefix decoder (set patch_size, image_size, image_channels,
+    # vision_layers): a pre-LN ViT tower (2-D sin-cos positions, no [CLS]) and an MLP projector
+    # feeding a pre-LN decoder with learned positions, exact GELU, biases, tied embeddings.
+    "image_prefix": dict(arch="image_prefix", pos_encoding="learned", norm="layernorm",
+                         norm_eps=1e-6, norm_position="pre", final_norm=True, activation="gelu",
+                         use_bias=True, tie_embeddings=True),
     # Radford et al. 2022 (Whisper): a pre-LN encoder-decoder whose encoder reads an 80-channel
     # log-Mel spectrogram through two convolutions (models/audio.py) with fixed sinusoidal
     # positions; learned decoder positions, exact GELU, biases, the token table tied to the head.
@@ -89,6 +95,10 @@ def bert(**overrides: Any) -> ModelConfig:
 
 def vit(**overrides: Any) -> ModelConfig:
     return preset("vit", **overrides)
+
+
+def image_prefix(**overrides: Any) -> ModelConfig:
+    return preset("image_prefix", **overrides)
 
 
 def whisper(**overrides: Any) -> ModelConfig:

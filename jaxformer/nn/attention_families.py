@@ -85,7 +85,7 @@ def draw_features(family: str, key: jax.Array, m: int, h: int) -> jnp.ndarray:
                      f"{', '.join(FEATURE_FAMILIES)}")
 
 
-def _entry_name(entry: Any) -> str:
+def entry_name(entry: Any) -> str:
     """A path entry (DictKey, GetAttrKey, SequenceKey or a plain key) -> its name as text."""
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
@@ -97,7 +97,7 @@ def is_feature_path(path: Sequence[Any]) -> bool:
     """Whether a tree path (``jax.tree_util`` entries or plain keys) leads to random features:
     some entry is named ``random_features``, in the looped or the scanned layout, in a pure
     dict or an ``nnx.State``."""
-    return any(_entry_name(entry) == FEATURES_NAME for entry in path)
+    return any(entry_name(entry) == FEATURES_NAME for entry in path)
 
 
 def without_features(tree: Any) -> Any:
@@ -110,7 +110,7 @@ def without_features(tree: Any) -> Any:
 def _path_id(path: Sequence[Any]) -> int:
     """A stable 31-bit id of a tree path (crc32 of "blocks/0/attn/random_features"; Python's
     ``hash`` of a str changes between processes)."""
-    text = "/".join(_entry_name(entry) for entry in path)
+    text = "/".join(entry_name(entry) for entry in path)
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 

@@ -7,6 +7,7 @@ Importing this package registers the built-in objectives and gives the config sc
 
 from jaxformer import config as _config
 from jaxformer.objectives import (  # noqa: F401 - each module registers its objective
+    captioning,
     causal,
     classification,
     masked_lm,

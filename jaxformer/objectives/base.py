@@ -15,6 +15,7 @@ V vocabulary, C classes):
     prefix_lm        + prefix [B, T] (1 = token of its document's bidirectional prefix)
     encoder-decoder  + enc_inputs, enc_segment_ids, enc_positions            [B, S]
     transcription    + audio [B, N] float32, audio_mask [B, N // 160] (no enc_*)
+    captioning       + pixels [B, H, W, C] float32 (the image prefix)
     classification   targets, loss_weights [B, 1] (one label per row)
 
 Each row's randomness (masking, split points, noise spans) comes from
@@ -34,6 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxformer.config import Config
+from jaxformer.data.captions import CaptionTask
 from jaxformer.data.pipeline import DataPipeline
 from jaxformer.data.speech_task import SpeechTask
 from jaxformer.data.synthetic import SyntheticTranslation
@@ -57,6 +59,7 @@ class Task:
     pipeline: DataPipeline | None = None  # the text pipeline behind LM objectives
     translation: SyntheticTranslation | None = None
     speech: SpeechTask | None = None  # a speech source's clips (objective.kind=transcription)
+    captions: CaptionTask | None = None  # a caption source's images (objective.kind=captioning)
     # What the data source held (jaxformer.data.manifest; JSON-serializable), for a resumed run
     # to tell whether its data changed: ``manifest.describe_change(saved, task.data_manifest)``
     data_manifest: dict[str, Any] | None = None
@@ -68,6 +71,9 @@ class Objective:
     name: ClassVar[str]  # the objective.kind value
     arch: ClassVar[str]  # the model.arch it trains
     special_tokens: ClassVar[tuple[str, ...]] = ()  # added to a new tokenizer after EOS, PAD
+    # The special tokens it needs by role (tokenizer_kinds.MASK_ROLE, SENTINELS_ROLE), named as
+    # the run's kind of tokenizer (data.tokenizer) names them and added after its own
+    special_roles: ClassVar[tuple[str, ...]] = ()
     sampling: ClassVar[str | None] = None  # end-of-run samples: a jaxformer.inference.SAMPLERS key
     decode_metrics: ClassVar[tuple[str, ...]] = ()  # jaxformer.inference.DECODE_METRICS keys
 

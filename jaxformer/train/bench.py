@@ -34,20 +34,24 @@ from jaxformer.train.runtime import Runtime, build_runtime, format_memory
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     """Uniform random tokens, one document per row, every target counted (an image encoder:
-    uniform random pixels in [0, 1] and labels)."""
+    uniform random pixels in [0, 1] and labels; an image-prefix decoder: tokens and pixels)."""
     b, t = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
     m = cfg.model
-    if m.patch_size > 0:
+    if m.patch_size > 0 and m.arch != "image_prefix":
         shapes = images.batch_shapes(b, m.image_size, m.image_channels)
         return {"pixels": rng.random(shapes["pixels"][0], np.float32),
                 "targets": rng.integers(0, m.num_labels, (b, 1), dtype=np.int32),
                 "loss_weights": np.ones((b, 1), np.float32)}
     tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "loss_weights": np.ones((b, t), np.float32)}
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "segment_ids": np.ones((b, t), np.int32),
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+             "loss_weights": np.ones((b, t), np.float32)}
+    if m.arch == "image_prefix":  # + the images whose patches are the prefix
+        batch["pixels"] = rng.random((b, m.image_size, m.image_size, m.image_channels),
+                                     np.float32)
+    return batch
 
 
 def compiled_step(cfg: Config) -> tuple[Runtime, Any, Any, dict[str, Any], float]:

@@ -10,13 +10,14 @@ The inverse-sqrt schedule counts from 1 instead, see ``inverse_sqrt_schedule``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxformer.config import TrainConfig
-from jaxformer.nn.attention_families import is_feature_path
+from jaxformer.config import ModelConfig, TrainConfig
+from jaxformer.nn.attention_families import entry_name, is_feature_path
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
@@ -95,19 +96,37 @@ def learning_rate_schedule(cfg: TrainConfig, d_model: int | None = None) -> opta
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def decay_mask(params):
-    """Which leaves weight decay shrinks: matrices, not biases, norm scales or the random
-    features of Performer/RFA layers (model state that is drawn, never trained)."""
+def decay_mask(params, frozen: tuple[str, ...] = ()):
+    """Which leaves weight decay shrinks: matrices, not biases, norm scales, the random
+    features of Performer/RFA layers (model state that is drawn, never trained) or the
+    parameters under a ``frozen`` top-level name."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and not is_feature_path(path), params)
+        lambda path, p: (p.ndim >= 2 and not is_feature_path(path)
+                         and not is_frozen_path(path, frozen)), params)
 
 
-def make_optimizer(cfg: TrainConfig, d_model: int | None = None) -> optax.GradientTransformation:
-    """Clip, then AdamW; weight decay only on matrices (``decay_mask``). Random features get a
-    zero gradient (the kernel reads them through ``stop_gradient``), so Adam's moments stay 0
-    and their update is exactly 0. ``d_model`` is passed to ``learning_rate_schedule``
-    (needed by inverse_sqrt only)."""
+def is_frozen_path(path, frozen: tuple[str, ...]) -> bool:
+    """Whether a tree path starts with one of the ``frozen`` names (``model.freeze_vision``:
+    ``vision``)."""
+    if not frozen or not path:
+        return False
+    return entry_name(path[0]) in frozen
+
+
+def make_optimizer(cfg: TrainConfig, d_model: int | None = None,
+                   frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """Clip, then AdamW; weight decay only on matrices (``decay_mask``). Random features, and
+    the parameters under a ``frozen`` top-level name (whose forward pass reads them through
+    ``stop_gradient``), get a zero gradient, so Adam's moments stay 0 and their update is
+    exactly 0. ``d_model`` is passed to ``learning_rate_schedule`` (needed by inverse_sqrt
+    only)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(learning_rate_schedule(cfg, d_model), b1=cfg.beta1, b2=cfg.beta2,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+                             weight_decay=cfg.weight_decay,
+                             mask=functools.partial(decay_mask, frozen=frozen)))
     return optax.chain(*parts)
+
+
+def frozen_params(cfg: ModelConfig) -> tuple[str, ...]:
+    """The top-level parameter names the model's config keeps fixed."""
+    return ("vision",) if cfg.freeze_vision else ()

@@ -27,7 +27,7 @@ from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
 from jaxformer.parallel.target import target_platform
-from jaxformer.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxformer.train.optimizer import frozen_params, learning_rate_schedule, make_optimizer
 from jaxformer.train.state import (
     TrainState,
     abstract_train_state,
@@ -138,7 +138,7 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     if cfg.model.n_experts and cfg.model.n_experts % mesh.shape["expert"]:
         raise UserError(f"model.n_experts={cfg.model.n_experts} is not divisible by the "
                         f"{mesh.shape['expert']} devices of the expert axis")
-    tx = make_optimizer(cfg.train, cfg.model.d_model)
+    tx = make_optimizer(cfg.train, cfg.model.d_model, frozen_params(cfg.model))
     schedule = learning_rate_schedule(cfg.train, cfg.model.d_model)
     graphdef, _ = abstract_model(cfg.model)
     shardings = state_shardings(cfg.model, tx, mesh, rules)
