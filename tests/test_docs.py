@@ -101,6 +101,7 @@ def _first_column(doc: str, header: str) -> list[str]:
     ("scaling.md", "| preset | sizes |", "mesh.preset"),
     ("objectives.md", "| schedule | after warmup |", "train.schedule"),
     ("objectives.md", "| `objective.kind` | model |", "objective.kind"),
+    ("usage.md", "| kind | what |", "data.tokenizer"),
 ])
 def test_tables_of_choices_have_one_row_per_choice(doc, header, key):
     assert sorted(_first_column(doc, header)) == sorted(CHOICES[key])

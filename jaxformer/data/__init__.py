@@ -1,8 +1,9 @@
-"""Data pipeline: documents -> byte-level BPE tokens -> packed, document-masked training rows.
+"""Data pipeline: documents -> tokens -> packed, document-masked training rows.
 
-Modules: `sources` (load documents), `tokenizer` (train/load BPE), `packing` (split documents,
-build the token stream, cut rows into batches), `cache` (atomic on-disk cache), `pipeline`
-(`DataPipeline`, which ties them together). Import those modules directly; this package only
+Modules: `sources` (load documents), `tokenizer` (train/load the run's tokenizer: byte-level BPE,
+or another kind of `tokenizer_kinds`), `packing` (split documents, build the token stream, cut
+rows into batches), `cache` (atomic on-disk cache), `pipeline` (`DataPipeline`, which ties them
+together). Import those modules directly; this package only
 re-exports the error type so that importing it stays cheap (no `datasets` import).
 """
 

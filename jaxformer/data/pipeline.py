@@ -36,6 +36,7 @@ from jaxformer.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from jaxformer.data.tokenizer_kinds import get_kind, kind_of, min_vocab_size
 
 # How many epoch permutations to keep: a batch spans at most a few epochs unless it is larger
 # than the data, and consecutive steps reuse the same one.
@@ -85,6 +86,7 @@ class DataPipeline:
         cache_dir: str | pathlib.Path | None = None,
         log: Callable[[str], None] = print,
         extra_special_tokens: Sequence[str] = (),
+        tokenizer_kind: str = "bpe",
     ) -> "DataPipeline":
         """Load `source`, get a tokenizer, tokenize, split by document and pack into rows.
 
@@ -94,6 +96,8 @@ class DataPipeline:
         there once it commits to the run. Trained tokenizers and tokenized documents are
         cached under `cache_dir` (default $JAXFORMER_CACHE or ~/.cache/jaxformer).
         `extra_special_tokens` are added to a newly trained tokenizer after EOS and PAD.
+        `tokenizer_kind` (`jaxformer.data.tokenizer_kinds`) is the kind a new tokenizer is:
+        byte-level BPE, wordpiece, unigram, char or bytes.
 
         A loaded tokenizer that came with a Hugging Face model has its special tokens named in
         the `special_tokens.json` beside it (`jaxformer.data.special_tokens`): documents end
@@ -108,11 +112,19 @@ class DataPipeline:
             raise DataError(f"data.source={source!r} is a classification task with its own "
                             "vocabulary; set objective.kind=classification")
         has_tokenizer = tokenizer_path is not None and pathlib.Path(tokenizer_path).is_file()
-        if not has_tokenizer and vocab_size < MIN_VOCAB_SIZE:
+        get_kind(tokenizer_kind)
+        if not has_tokenizer and tokenizer_kind == "bpe" and vocab_size < MIN_VOCAB_SIZE:
             raise DataError(
                 f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
                 f"{MIN_VOCAB_SIZE} (256 bytes + special tokens + merges)"
             )
+        n_extra = len(extra_special_tokens)
+        if (not has_tokenizer and tokenizer_kind != "bpe"
+                and vocab_size < min_vocab_size(tokenizer_kind, n_extra)):
+            raise DataError(
+                f"vocab size {vocab_size} is too small for a {tokenizer_kind} tokenizer with "
+                f"{n_extra} added special tokens: it needs at least "
+                f"{min_vocab_size(tokenizer_kind, n_extra)}")
         root = resolve_cache_dir(cache_dir)
 
         start = time.perf_counter()
@@ -134,10 +146,13 @@ class DataPipeline:
             if specials != of_jaxformer_tokenizer(tok):  # a converted model's own tokens
                 how += (f"; documents end with token {specials.eos_id}"
                         + (f", begin with token {specials.bos_id}" if specials.add_bos else ""))
+            elif kind_of(tok).name != tokenizer_kind:
+                how += (f"; a {kind_of(tok).name} tokenizer (data.tokenizer={tokenizer_kind!r} "
+                        "applies to a new run's tokenizer)")
         else:
             train_texts = [docs.texts[i] for i in train_ids]
             tok, how = _cached_tokenizer(root, docs.fingerprint, vocab_size, train_ids, train_texts,
-                                         tuple(extra_special_tokens))
+                                         tuple(extra_special_tokens), tokenizer_kind)
             specials = of_jaxformer_tokenizer(tok)
         eos = _document_end(specials, tokenizer_path)
         elapsed = time.perf_counter() - start
@@ -353,11 +368,14 @@ def _cached_tokenizer(
     train_ids: np.ndarray,
     train_texts: list[str],
     extra_special_tokens: tuple[str, ...] = (),
+    kind: str = "bpe",
 ) -> tuple[Tokenizer, str]:
     """The tokenizer for these training documents: from the cache, else trained and cached."""
     parts = [vocab_size, train_ids.astype(np.int64).tobytes()]
     if extra_special_tokens:  # the key of a plain tokenizer stays what it always was
         parts.append("\n".join(extra_special_tokens))
+    if kind != "bpe":  # so does the key of a byte-level BPE
+        parts.append(f"kind={kind}")
     key = cache_key("tokenizer", fingerprint, *parts)
     path = root / "tokenizers" / f"{key}.json"
     if path.is_file():
@@ -365,9 +383,10 @@ def _cached_tokenizer(
             return load_tokenizer(path), "cached"
         except DataError:
             pass  # unreadable cache entry: train again and overwrite it
-    tok = train_tokenizer(train_texts, vocab_size, extra_special_tokens)
+    tok = train_tokenizer(train_texts, vocab_size, extra_special_tokens, kind)
     save_tokenizer(tok, path)
-    return tok, f"trained on {len(train_texts)} training documents"
+    what = "" if kind == "bpe" else f"{kind} "
+    return tok, f"{what}trained on {len(train_texts)} training documents"
 
 
 def _cached_tokens(

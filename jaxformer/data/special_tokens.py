@@ -2,7 +2,8 @@
 
 A tokenizer jaxformer trained has its own names for them (``jaxformer.data.tokenizer``: EOS
 ``<|endoftext|>`` ends each document and starts the next, PAD ``<|pad|>`` pads and starts an
-encoder-decoder's decoder), so they are found by name. A tokenizer that came with a Hugging
+encoder-decoder's decoder; the other kinds of ``data.tokenizer`` have their own,
+``jaxformer.data.tokenizer_kinds``), so they are found by name. A tokenizer that came with a Hugging
 Face model (``jaxformer convert --from-hf``) has other tokens at other ids (GPT-2's
 ``<|endoftext|>`` is 50256, Llama's ``<s>``/``</s>``, T5's ``<pad>``/``</s>``, BERT has no end
 token at all), so the converter writes their ids into ``special_tokens.json`` next to
@@ -28,7 +29,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from jaxformer.data.errors import DataError
-from jaxformer.data.tokenizer import EOS, PAD, load_tokenizer
+from jaxformer.data.tokenizer import load_tokenizer
+from jaxformer.data.tokenizer_kinds import kind_of
 
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 
@@ -102,8 +104,11 @@ def of_jaxformer_tokenizer(tokenizer: Any, encoder_decoder: bool = False) -> Spe
     and jaxformer's names, such as the synthetic tasks' ``SymbolTokenizer``), as the code uses
     them: EOS ends documents and starts the next one (so it also starts an empty prompt, but
     is not put before a prompt's text), PAD pads and starts an encoder-decoder's decoder
-    (span corruption, seq2seq)."""
-    eos, pad = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
+    (span corruption, seq2seq). The names are those of the tokenizer's kind
+    (``jaxformer.data.tokenizer_kinds``: ``<|endoftext|>`` and ``<|pad|>`` for byte-level BPE,
+    ``[SEP]`` and ``[PAD]`` for WordPiece, ``</s>`` and ``<pad>`` for the others)."""
+    kind = kind_of(tokenizer)
+    eos, pad = tokenizer.token_to_id(kind.eos), tokenizer.token_to_id(kind.pad)
     return SpecialTokens(bos_id=eos, eos_ids=() if eos is None else (eos,), pad_id=pad,
                          decoder_start_id=pad if encoder_decoder else None, add_bos=False)
 

@@ -1,7 +1,9 @@
-"""Byte-level BPE tokenizer (HF `tokenizers`): train, save, load, encode.
+"""The run's tokenizer (HF `tokenizers`): train, save, load, encode.
 
-Byte-level means every byte has a token, so any UTF-8 text (code with tabs, unicode, odd
-whitespace) encodes without unknown tokens and decodes back exactly.
+The default kind is a byte-level BPE: every byte has a token, so any UTF-8 text (code with
+tabs, unicode, odd whitespace) encodes without unknown tokens and decodes back exactly. The
+other kinds (`data.tokenizer`: wordpiece, unigram, char, bytes) and their special tokens are
+in `jaxformer.data.tokenizer_kinds`.
 """
 
 import os
@@ -10,12 +12,13 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
+from jaxformer.data import tokenizer_kinds
 from jaxformer.data.errors import DataError
 
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
+EOS = tokenizer_kinds.KINDS["bpe"].eos  # "<|endoftext|>"
+PAD = tokenizer_kinds.KINDS["bpe"].pad  # "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)  # in id order: EOS = 0, PAD = 1
 
 # 256 byte tokens + the special tokens + room for at least a few merges; below this BPE learns
@@ -24,30 +27,20 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 42
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int,
-                    extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
-    """Train a byte-level BPE tokenizer with at most `vocab_size` tokens on `texts`.
+                    extra_special_tokens: Sequence[str] = (), kind: str = "bpe") -> Tokenizer:
+    """Train a byte-level BPE tokenizer with at most `vocab_size` tokens on `texts` (another
+    `kind`: `tokenizer_kinds.train`).
 
     EOS gets id 0, PAD id 1, then `extra_special_tokens` (an objective's mask token or
     sentinels) ids 2, 3, ... The result can be smaller than `vocab_size` when the texts do not
     hold enough distinct merges; use `tok.get_vocab_size()` for the actual size.
     """
-    if vocab_size < MIN_VOCAB_SIZE + len(extra_special_tokens):
+    if kind == "bpe" and vocab_size < MIN_VOCAB_SIZE + len(extra_special_tokens):
         raise DataError(
             f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens + merges)"
         )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
-        # All 256 bytes, even those absent from the training texts, so any text is encodable.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return tok
+    return tokenizer_kinds.train(kind, list(texts), vocab_size, extra_special_tokens)
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
@@ -82,8 +75,9 @@ def load_tokenizer(path: str | os.PathLike, require_eos: bool = True) -> Tokeniz
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception for unreadable/invalid files
         raise DataError(f"cannot load tokenizer {path}: {str(e).strip()[:200]}") from e
-    if require_eos and tok.token_to_id(EOS) is None:
-        raise DataError(f"tokenizer {path} has no {EOS} token and no special_tokens.json "
+    eos = tokenizer_kinds.kind_of(tok).eos
+    if require_eos and tok.token_to_id(eos) is None:
+        raise DataError(f"tokenizer {path} has no {eos} token and no special_tokens.json "
                         "beside it naming its special tokens; it was not made by jaxformer (a "
                         "Hugging Face model's directory: convert it with `jaxformer convert "
                         "--from-hf` and use the run dir)")
@@ -91,18 +85,19 @@ def load_tokenizer(path: str | os.PathLike, require_eos: bool = True) -> Tokeniz
 
 
 def eos_id(tok: Tokenizer) -> int:
-    """Id of the end-of-document token."""
-    token_id = tok.token_to_id(EOS)
+    """Id of the end-of-document token (of the tokenizer's kind: EOS for byte-level BPE)."""
+    eos = tokenizer_kinds.kind_of(tok).eos
+    token_id = tok.token_to_id(eos)
     if token_id is None:
-        raise DataError(f"tokenizer has no {EOS} token")
+        raise DataError(f"tokenizer has no {eos} token")
     return token_id
 
 
 def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
     """Tokenize each text: returns one int32 array [n_tokens_i] per text.
 
-    A literal "<|endoftext|>" inside a document is encoded as ordinary text, so that EOS only
-    ever appears where the pipeline puts it, between documents.
+    A literal "<|endoftext|>" (any special token) inside a document is encoded as ordinary
+    text, so that EOS only ever appears where the pipeline puts it, between documents.
     """
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True

@@ -2,13 +2,15 @@
 
 A run's tokenizer (``jaxformer.data.tokenizer``) has the end-of-text token ``<|endoftext|>``
 (id 0) and the padding token ``<|pad|>`` (id 1), then the objective's own (a mask token,
-sentinels). An export writes their ids into ``config.json`` and ``generation_config.json`` in
-the names of its family (each family module's ``special_token_ids``: GPT-2 and Llama also
-begin documents with end-of-text, T5 starts decoding with the padding token, BERT has padding
-only), so ``generate`` stops at the run's end of text and nothing falls back to a default id
-outside the vocabulary (GPT-2's 50256, Llama's 1 and 2). It also writes the tokenizer:
-``tokenizer.json`` as the run has it and a ``tokenizer_config.json`` naming the special tokens,
-so ``AutoTokenizer.from_pretrained`` loads it.
+sentinels); the other kinds of ``data.tokenizer`` name them their own way
+(``jaxformer.data.tokenizer_kinds``: BERT's ``[SEP]``/``[PAD]``/``[MASK]``, T5's
+``</s>``/``<pad>``/``<extra_id_N>``). An export writes their ids into ``config.json`` and
+``generation_config.json`` in the names of its family (each family module's
+``special_token_ids``: GPT-2 and Llama also begin documents with end-of-text, T5 starts
+decoding with the padding token, BERT has padding only), so ``generate`` stops at the run's
+end of text and nothing falls back to a default id outside the vocabulary (GPT-2's 50256,
+Llama's 1 and 2). It also writes the tokenizer: ``tokenizer.json`` as the run has it and a
+``tokenizer_config.json`` naming the special tokens, so ``AutoTokenizer.from_pretrained`` loads it.
 
 Tokens are found by name, so a tokenizer that came with a converted Hugging Face model (GPT-2's
 ``<|endoftext|>`` is 50256) gives its own ids; a name the tokenizer lacks is left out. A run
@@ -32,9 +34,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from jaxformer.data.special_tokens import SpecialTokens
-from jaxformer.data.tokenizer import EOS, PAD
+from jaxformer.data.tokenizer_kinds import SENTINELS_ROLE, kind_of
 from jaxformer.hf.checkpoint_io import HFConversionError, read_hf_config
-from jaxformer.objectives.specials import MASK, sentinel
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,9 +59,11 @@ def exported_ids(specials: SpecialTokens) -> dict[str, Any]:
 
 
 def special_ids(family: types.ModuleType, tokenizer: Tokenizer) -> dict[str, int]:
-    """The ``*_token_id`` entries of ``family``'s config for ``tokenizer``'s tokens."""
-    return family.special_token_ids(eos=tokenizer.token_to_id(EOS),
-                                    pad=tokenizer.token_to_id(PAD))
+    """The ``*_token_id`` entries of ``family``'s config for ``tokenizer``'s tokens (named as
+    its kind names them: ``jaxformer.data.tokenizer_kinds``)."""
+    kind = kind_of(tokenizer)
+    return family.special_token_ids(eos=tokenizer.token_to_id(kind.eos),
+                                    pad=tokenizer.token_to_id(kind.pad))
 
 
 def generation_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -82,11 +85,15 @@ def tokenizer_config(tokenizer: Tokenizer, ids: dict[str, Any], max_len: int
             token_id = token_id[0]
         if token_id is not None:
             out[f"{name}_token"] = tokenizer.id_to_token(token_id)
-    if tokenizer.token_to_id(MASK) is not None:
-        out["mask_token"] = MASK
+    kind = kind_of(tokenizer)
+    if kind.unk is not None and tokenizer.token_to_id(kind.unk) is not None:
+        out["unk_token"] = kind.unk
+    if tokenizer.token_to_id(kind.mask) is not None:
+        out["mask_token"] = kind.mask
     sentinels = []
-    while tokenizer.token_to_id(sentinel(len(sentinels))) is not None:
-        sentinels.append(sentinel(len(sentinels)))
+    while kind.supports(SENTINELS_ROLE) and tokenizer.token_to_id(
+            kind.sentinel(len(sentinels))) is not None:
+        sentinels.append(kind.sentinel(len(sentinels)))
     if sentinels:
         out["extra_special_tokens"] = sentinels
     return out

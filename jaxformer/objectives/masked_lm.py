@@ -18,32 +18,13 @@ from typing import Any
 import numpy as np
 
 from jaxformer.config import Config
+from jaxformer.data.tokenizer_kinds import BYTE_OF_CHAR, MASK_ROLE, word_starts
 from jaxformer.objectives import tasks
 from jaxformer.objectives.base import Batch, Log, Objective, Task
 from jaxformer.objectives.registry import register
-from jaxformer.objectives.specials import MASK
 
-# Byte-level BPE maps every byte to a printable character (GPT-2's `bytes_to_unicode`):
-# the bytes that are already printable Latin-1 stay themselves, the rest are shifted to 256+.
-_PRINTABLE_BYTES = (
-    list(range(ord("!"), ord("~") + 1))
-    + list(range(ord("¡"), ord("¬") + 1))
-    + list(range(ord("®"), ord("ÿ") + 1))
-)
-
-
-def _byte_level_char_to_byte() -> dict[str, int]:
-    """The inverse of byte-level BPE's byte -> character map (256 entries)."""
-    chars = {b: chr(b) for b in _PRINTABLE_BYTES}
-    shifted = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + shifted)
-            shifted += 1
-    return {c: b for b, c in chars.items()}
-
-
-BYTE_OF_CHAR = _byte_level_char_to_byte()
+__all__ = ["BYTE_OF_CHAR", "MaskedLM", "check_mlm_config", "mask_example", "segment_positions",
+           "word_starts_from_tokenizer"]
 
 
 def check_mlm_config(mask_rate: float, mask_token_prob: float, random_token_prob: float) -> None:
@@ -64,33 +45,16 @@ def check_mlm_config(mask_rate: float, mask_token_prob: float, random_token_prob
 
 
 def word_starts_from_tokenizer(tokenizer: Any) -> np.ndarray:
-    """[V] bool: True for the tokens that begin a word, for a byte-level BPE tokenizer
-    (`jaxformer.data.tokenizer`, a HF `tokenizers.Tokenizer`).
-
-    A token begins a word when it is a special (added) token, or when its first byte is not an
-    ASCII letter or digit: a space ("Ġ"), newline ("Ċ"), tab ("ĉ") or punctuation. Tokens
-    starting with a letter, a digit or a non-ASCII byte (a UTF-8 lead or continuation byte,
-    e.g. the "é" of "café" split off) continue the previous word. Why bytes and not the first
-    character of the token string: byte-level strings spell bytes >= 0x80 as Latin-1 lookalikes
-    ("©" for 0xA9), whose `isalnum` says nothing about the text.
+    """[V] bool: True for the tokens that begin a word, by the word boundaries of the
+    tokenizer's kind (``jaxformer.data.tokenizer_kinds.word_starts``): for a byte-level BPE,
+    a token whose first byte is not an ASCII letter or digit (a space "Ġ", newline "Ċ", tab
+    "ĉ", punctuation); for WordPiece, a piece without ``##``; for Unigram, a piece with ``▁``.
+    Special (added) tokens begin a word.
 
     Use it as `word_starts = table[tokens]`; `mask_example` also makes the first token of
     every segment a start, so a document never continues a word of the previous one.
     """
-    V = tokenizer.get_vocab_size(with_added_tokens=True)
-    starts = np.zeros(V, dtype=bool)
-    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
-        if not 0 <= token_id < V or not token:
-            continue
-        first = BYTE_OF_CHAR.get(token[0])
-        if first is None:  # not a byte-level string: judge the character itself
-            starts[token_id] = not token[0].isalnum()
-        else:
-            starts[token_id] = first < 0x80 and not chr(first).isalnum()
-    for token_id in tokenizer.get_added_tokens_decoder():
-        if 0 <= token_id < V:
-            starts[token_id] = True
-    return starts
+    return word_starts(tokenizer)
 
 
 def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
@@ -245,7 +209,7 @@ class MaskedLM(Objective):
 
     name = "masked_lm"
     arch = "encoder"
-    special_tokens = (MASK,)
+    special_roles = (MASK_ROLE,)
 
     def check(self, cfg: Config) -> None:
         o = cfg.objective
@@ -254,7 +218,8 @@ class MaskedLM(Objective):
     def build_task(self, cfg: Config, tokenizer_path: Path, log: Log) -> Task:
         pipeline = tasks.text_pipeline(cfg, tokenizer_path, log)
         tok, o = pipeline.tokenizer, cfg.objective
-        mask_id, specials = tasks.token_id(tok, MASK, self.name), tasks.special_ids(tok)
+        mask_id = tasks.role_token_ids(tok, MASK_ROLE, self.name)[0]
+        specials = tasks.special_ids(tok)
         starts = word_starts_from_tokenizer(tok) if o.whole_word else None
 
         def mask(row: Batch, rng: np.random.Generator) -> Batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 
 from jaxformer.config import Config, ConfigError
+from jaxformer.data.tokenizer_kinds import KINDS
 from jaxformer.objectives.base import Objective
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -33,11 +34,18 @@ def get_objective(name: str) -> Objective:
 
 
 def check_objective(cfg: Config) -> None:
-    """The objective exists, fits the model's architecture, and its options make sense."""
+    """The objective exists, fits the model's architecture and the kind of tokenizer, and its
+    options make sense."""
     objective = get_objective(cfg.objective.kind)
     if cfg.model.arch != objective.arch:
         raise ConfigError(f"objective.kind={objective.name!r} trains model.arch="
                           f"{objective.arch!r}, but the model is {cfg.model.arch!r}")
+    kind = KINDS.get(cfg.data.tokenizer)  # an unknown kind is the choice check's error
+    for role in objective.special_roles:
+        if kind is not None and not kind.supports(role):
+            able = ", ".join(k.name for k in KINDS.values() if k.supports(role))
+            raise ConfigError(f"objective.kind={objective.name!r} needs {role} tokens, which "
+                              f"data.tokenizer={kind.name!r} has not got; use one of {able}")
     try:
         objective.check(cfg)
     except ValueError as e:

@@ -27,11 +27,11 @@ import jax
 import numpy as np
 
 from jaxformer.config import Config
-from jaxformer.data.tokenizer import PAD
+from jaxformer.data.tokenizer_kinds import SENTINELS_ROLE, kind_of
 from jaxformer.objectives.base import Batch, Log, Objective, Task, encoder_decoder_logits
 from jaxformer.objectives.registry import register
-from jaxformer.objectives.specials import N_SENTINELS, sentinel
-from jaxformer.objectives.tasks import text_pipeline, text_task, token_id
+from jaxformer.objectives.specials import N_SENTINELS
+from jaxformer.objectives.tasks import role_token_ids, text_pipeline, text_task, token_id
 
 
 def _span_counts(length: int, noise_density: float,
@@ -261,7 +261,7 @@ class SpanCorruption(Objective):
 
     name = "span_corruption"
     arch = "encoder_decoder"
-    special_tokens = tuple(sentinel(i) for i in range(N_SENTINELS))
+    special_roles = (SENTINELS_ROLE,)
 
     def _lengths(self, cfg: Config) -> tuple[int, int]:
         """-> (raw tokens per row, decoder length) for ``data.seq_len`` encoder tokens."""
@@ -276,12 +276,13 @@ class SpanCorruption(Objective):
         raw_len, targets_len = self._lengths(cfg)
         pipeline = text_pipeline(cfg, tokenizer_path, log, seq_len=raw_len)
         tok, o = pipeline.tokenizer, cfg.objective
-        sentinels = [token_id(tok, t, self.name) for t in self.special_tokens]
+        sentinels = role_token_ids(tok, SENTINELS_ROLE, self.name)
         # The tokenizer's own end and padding tokens (a converted T5's </s> and <pad>); the
         # decoder starts from padding unless the model names its own start token.
         special = pipeline.specials
         eos = pipeline.eos_id
-        pad = special.pad_id if special.pad_id is not None else token_id(tok, PAD, self.name)
+        pad = (special.pad_id if special.pad_id is not None
+               else token_id(tok, kind_of(tok).pad, self.name))
         start = special.decoder_start_id if special.decoder_start_id is not None else pad
 
         def corrupt(row: Batch, rng: np.random.Generator) -> Batch:

@@ -1,5 +1,6 @@
 """Special tokens objectives add to the tokenizer, after EOS (id 0) and PAD (id 1)
-(``Objective.special_tokens``).
+(``Objective.special_roles``), as a byte-level BPE names them; the other kinds of
+``data.tokenizer`` name them their own way (``jaxformer.data.tokenizer_kinds``).
 
 A causal LM needs none, so its tokenizer (and its numbers) do not change with the objectives
 that exist; masked LM needs a mask token; span corruption needs one sentinel per noise span.
@@ -7,12 +8,14 @@ that exist; masked LM needs a mask token; span corruption needs one sentinel per
 
 from __future__ import annotations
 
-MASK = "<|mask|>"
-# T5 reserves 100 sentinels for 512-token inputs; 64 cover ~1,000 input tokens at the default
-# density 0.15 and mean span 3 (one span per 20 tokens). More spans are a config-time error.
-N_SENTINELS = 64
+from jaxformer.data.tokenizer_kinds import KINDS, MASK_ROLE, N_SENTINELS, SENTINELS_ROLE
+
+__all__ = ["MASK", "MASK_ROLE", "N_SENTINELS", "SENTINELS_ROLE", "sentinel"]
+
+MASK = KINDS["bpe"].mask  # "<|mask|>"
 
 
 def sentinel(i: int) -> str:
-    """The token that stands for the i-th noise span of an example (T5's <extra_id_i>)."""
-    return f"<|extra_{i}|>"
+    """The byte-level BPE token that stands for the i-th noise span of an example (T5's
+    <extra_id_i>)."""
+    return KINDS["bpe"].sentinel(i)

@@ -22,6 +22,8 @@ from jaxformer.data.packing import stack_examples
 from jaxformer.data.pipeline import DataPipeline
 from jaxformer.data.speech_task import is_speech
 from jaxformer.data.synthetic import is_synthetic
+from jaxformer.data.tokenizer_kinds import get_kind, role_ids
+from jaxformer.data.tokenizer_kinds import special_ids as _special_ids
 from jaxformer.objectives.base import Batch, Log, Task
 from jaxformer.objectives.registry import get_objective
 
@@ -45,7 +47,8 @@ def build_task(cfg: Config, tokenizer_path: Path, log: Log) -> Task:
 def text_pipeline(cfg: Config, tokenizer_path: Path, log: Log, seq_len: int | None = None
                   ) -> DataPipeline:
     """The documents of ``data.source`` as packed rows of ``seq_len`` (default
-    ``data.seq_len``), with a tokenizer that has the objective's special tokens."""
+    ``data.seq_len``), with a tokenizer of kind ``data.tokenizer`` that has the objective's
+    special tokens."""
     d = cfg.data
     if is_synthetic(d.source):
         raise DataError(f"data.source={d.source!r} is a pair task; set objective.kind=seq2seq "
@@ -58,11 +61,14 @@ def text_pipeline(cfg: Config, tokenizer_path: Path, log: Log, seq_len: int | No
         raise DataError(f"data.source={d.source!r} holds images, not text; set "
                         "objective.kind=classification with an image encoder "
                         "(model.patch_size > 0, docs/vision.md)")
+    objective = get_objective(cfg.objective.kind)
+    extra = (*get_kind(d.tokenizer).extra_tokens(objective.special_roles),
+             *objective.special_tokens)
     return DataPipeline.create(
         source=d.source, seq_len=seq_len or d.seq_len, vocab_size=cfg.model.vocab_size,
         val_fraction=d.val_fraction, seed=d.seed, tokenizer_path=tokenizer_path,
         text_field=d.text_field, cache_dir=d.cache_dir or None, log=log,
-        extra_special_tokens=get_objective(cfg.objective.kind).special_tokens)
+        extra_special_tokens=extra, tokenizer_kind=d.tokenizer)
 
 
 def text_task(cfg: Config, pipeline: DataPipeline, transform: RowTransform | None) -> Task:
@@ -111,6 +117,12 @@ def token_id(tokenizer: Tokenizer, token: str, kind: str) -> int:
 
 
 def special_ids(tokenizer: Tokenizer) -> list[int]:
-    """Ids of the added special tokens (EOS, PAD, mask, sentinels: ``<|...|>``)."""
-    return [tokenizer.token_to_id(t) for t in tokenizer.get_vocab()
-            if t.startswith("<|") and t.endswith("|>")]
+    """Ids of the added special tokens (EOS, PAD, mask, sentinels, unknown)."""
+    return _special_ids(tokenizer)
+
+
+def role_token_ids(tokenizer: Tokenizer, role: str, kind: str) -> list[int]:
+    """The ids of the tokenizer's ``role`` tokens (``tokenizer_kinds.MASK_ROLE``: [the mask
+    token]; ``SENTINELS_ROLE``: the sentinels), named as its kind names them; a DataError
+    naming objective ``kind`` when the tokenizer lacks them."""
+    return role_ids(tokenizer, role, kind)

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from jaxformer.cli import main  # noqa: E402
 from jaxformer.config import Config, DataConfig, ModelConfig, ObjectiveConfig  # noqa: E402
 from jaxformer.data.tokenizer import EOS, PAD, save_tokenizer, train_tokenizer  # noqa: E402
+from jaxformer.data.tokenizer_kinds import KINDS, MASK_ROLE, SENTINELS_ROLE  # noqa: E402
 from jaxformer.models import presets  # noqa: E402
 from jaxformer.models.build import init_params  # noqa: E402
 from jaxformer.objectives.specials import MASK, sentinel  # noqa: E402
@@ -43,13 +44,13 @@ IDS = {"gpt2": {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1},
 
 
 def write_run(directory, model: ModelConfig, objective: str, specials: list[str],
-              edit=None):
-    """A run dir as training leaves it: config, tokenizer, a checkpoint of ``model``'s
-    (random, or ``edit``ed) weights."""
+              edit=None, kind: str = "bpe"):
+    """A run dir as training leaves it: config, tokenizer (of ``kind``), a checkpoint of
+    ``model``'s (random, or ``edit``ed) weights."""
     rng = np.random.default_rng(0)
     tok = train_tokenizer([document(rng, i) for i in range(40)], 300 + len(specials),
-                          extra_special_tokens=specials)
-    cfg = Config(name=directory.name, model=model, data=DataConfig(seq_len=32),
+                          extra_special_tokens=specials, kind=kind)
+    cfg = Config(name=directory.name, model=model, data=DataConfig(seq_len=32, tokenizer=kind),
                  objective=ObjectiveConfig(kind=objective))
     params = jax.tree.map(np.array, init_params(model, 0))
     if edit is not None:
@@ -119,6 +120,33 @@ def test_export_has_the_runs_special_token_ids(family, tmp_path, capsys):
     text = "def alpha_0(alpha, beta):\n    return alpha * 2\n"
     assert hf_tok(text)["input_ids"] == tok.encode(text).ids
     assert hf_tok.decode(tok.encode(text).ids) == text
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "wordpiece"), ("t5", "unigram")])
+def test_export_of_another_kind_of_tokenizer_names_its_own_tokens(family, kind, tmp_path,
+                                                                   capsys):
+    """BERT's WordPiece and T5's Unigram (``data.tokenizer``) export with their own special
+    tokens: [PAD], [UNK], [MASK]; <pad>, </s>, <unk>, <extra_id_N>."""
+    model, objective, _, auto = FAMILIES[family]
+    spec = KINDS[kind]
+    roles = [MASK_ROLE] if objective == "masked_lm" else [SENTINELS_ROLE]
+    tok = write_run(tmp_path / "run", model, objective, list(spec.extra_tokens(roles)),
+                    kind=kind)
+    export(tmp_path / "run", tmp_path / "hf")
+    capsys.readouterr()
+    loaded = getattr(transformers, auto).from_pretrained(tmp_path / "hf")
+    assert loaded.config.pad_token_id == tok.token_to_id(spec.pad) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.pad_token, hf_tok.unk_token) == (spec.pad, spec.unk)
+    if family == "bert":
+        assert hf_tok.mask_token == "[MASK]" and hf_tok.mask_token_id == 4
+    else:
+        assert loaded.config.eos_token_id == tok.token_to_id("</s>") == 1
+        assert hf_tok.eos_token == "</s>"
+        assert hf_tok.convert_tokens_to_ids("<extra_id_63>") == tok.token_to_id("<extra_id_63>")
+        assert "<extra_id_5>" in hf_tok.all_special_tokens
+    text = "def alpha_0(alpha, beta):\n    return alpha * 2\n"
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids
 
 
 def test_generate_stops_at_the_runs_end_of_text(tmp_path, capsys):
