@@ -1,12 +1,18 @@
-"""Builds a tiny model's train state and step for tests (no data pipeline involved)."""
+"""Builds a tiny model's train state and step for tests: on random text batches (no data
+pipeline involved), or on the batches of the config's objective (``task_batches``)."""
 
 from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer.config import Config
+from jaxformer.objectives.tasks import build_task
 from jaxformer.train.runtime import build_runtime
 
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
@@ -43,6 +49,20 @@ def random_batch(cfg: Config, seed: int, pad_tail: int = 3) -> dict[str, np.ndar
         weights[:, -pad_tail:] = 0
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
             "positions": np.broadcast_to(pos, (b, t)).copy(), "loss_weights": weights}
+
+
+def task_batches(cfg: Config, tokenizer_path: Path | None = None
+                 ) -> Callable[[int], dict[str, np.ndarray]]:
+    """step -> the whole global batch the trainer reads at ``step`` (``task.train_batch``):
+    pixels and labels, audio and transcripts, ... as ``objective.kind`` builds them. A text
+    task loads or trains its tokenizer at ``tokenizer_path`` (None: in a temporary directory,
+    removed at once; generated sources such as image: and speech: need no tokenizer)."""
+    if tokenizer_path is not None:
+        task = build_task(cfg, tokenizer_path, log=lambda line: None)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            task = build_task(cfg, Path(tmp) / "tokenizer.json", log=lambda line: None)
+    return lambda step: task.train_batch(step, cfg.train.batch_size, cfg.train.seed, 0, 1)
 
 
 def make_runner(cfg: Config, devices=None):
