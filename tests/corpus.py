@@ -12,6 +12,9 @@ import numpy as np
 
 NAMES = ["alpha", "beta", "gamma", "delta", "total", "count", "value", "index", "item", "data"]
 OPS = ["+", "-", "*"]
+# data.source prefixes of generated or bundled data (pairs, LRA tasks, images, speech,
+# captions): an experiment reading one needs no corpus.
+GENERATED_SOURCES = ("synthetic:", "lra:", "image:", "speech:", "caption:")
 
 
 def document(rng: np.random.Generator, i: int) -> str:

@@ -33,7 +33,7 @@ from jaxformer.errors import UserError
 from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.runs import rundir
 from jaxformer.train.loop import TrainResult, train
-from tests.corpus import write_corpus
+from tests.corpus import GENERATED_SOURCES, write_corpus
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 STEPS = 2
@@ -186,7 +186,7 @@ def combination(i: int) -> dict[str, object]:
 def build_config(recipe: Recipe, corpus: Path) -> config_lib.Config:
     experiment, overrides = recipe
     cfg = config_lib.load_experiment(EXPERIMENTS / f"{experiment}.py")
-    generated = cfg.data.source.startswith(("synthetic:", "image:", "speech:"))  # no corpus
+    generated = cfg.data.source.startswith(GENERATED_SOURCES)  # no corpus
     data = () if generated else (f"data.source={corpus}",)
     return config_lib.apply_overrides(cfg, [*TINY, *data, *overrides])
 

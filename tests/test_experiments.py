@@ -10,7 +10,7 @@ import pytest
 
 from jaxformer import config as config_lib
 from jaxformer.train.loop import train
-from tests.corpus import write_corpus
+from tests.corpus import GENERATED_SOURCES, write_corpus
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py"))
 
@@ -21,8 +21,7 @@ def test_experiment_runs_one_step(path, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=200)
     overrides = ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2", "eval.batches=1",
                  "data.val_fraction=0.1", "sample.count=0", "train.init_from="]
-    # generated or bundled data (pairs, LRA tasks, images, speech): no corpus
-    if not cfg.data.source.startswith(("synthetic:", "lra:", "image:", "speech:")):
+    if not cfg.data.source.startswith(GENERATED_SOURCES):  # generated or bundled: no corpus
         overrides.append(f"data.source={corpus}")
     cfg = config_lib.apply_overrides(cfg, overrides)
     result = train(cfg, tmp_path / "run", progress=False, echo=lambda s: None)
