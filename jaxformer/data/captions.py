@@ -37,6 +37,7 @@ import numpy as np
 from jaxformer.data import digits
 from jaxformer.data.errors import DataError
 from jaxformer.data.manifest import Manifest, bundled_manifest
+from jaxformer.data.packing import decoder_rows
 
 PREFIX = "caption:"
 SOURCES = ("digits",)
@@ -132,24 +133,8 @@ def example(source: str, rng: np.random.Generator, heldout: bool) -> tuple[np.nd
 
 def caption_rows(texts: Sequence[str], seq_len: int) -> Batch:
     """Captions -> the text half of a batch ([B, L] each, module docstring)."""
-    b = len(texts)
-    out = {"inputs": np.full((b, seq_len), PAD_ID, np.int32),
-           "targets": np.full((b, seq_len), PAD_ID, np.int32),
-           "loss_weights": np.zeros((b, seq_len), np.float32),
-           "segment_ids": np.zeros((b, seq_len), np.int32),
-           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                        (b, seq_len)).copy()}
-    for r, text in enumerate(texts):
-        ids = encode_caption(text)
-        n = len(ids) + 1
-        if n > seq_len:
-            raise DataError(f"caption {text!r} takes {n} decoder tokens, more than "
-                            f"data.seq_len={seq_len}")
-        out["inputs"][r, :n] = [BOS_ID, *ids]
-        out["targets"][r, :n] = [*ids, EOS_ID]
-        out["loss_weights"][r, :n] = 1.0
-        out["segment_ids"][r, :n] = 1
-    return out
+    return decoder_rows([encode_caption(t) for t in texts], seq_len, pad=PAD_ID, bos=BOS_ID,
+                        eos=EOS_ID, texts=list(texts))
 
 
 @dataclasses.dataclass(frozen=True)

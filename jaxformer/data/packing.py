@@ -190,3 +190,29 @@ class PackedRows:
 def stack_examples(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-example dicts of [L] arrays (same keys) -> one dict of [B, L] arrays."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def decoder_rows(id_lists: list[np.ndarray] | list[list[int]], seq_len: int, *, pad: int,
+                 bos: int, eos: int, texts: list[str] | None = None) -> Batch:
+    """Target sequences (ids without BOS or EOS) -> the decoder half of a seq2seq batch, one
+    sequence per row ([B, L] each): inputs BOS + ids, targets ids + EOS, loss weights and
+    segment ids 1 on those n + 1 positions, positions 0..L-1, ``pad`` after. A DataError
+    naming the sequence (``texts[r]`` when given) when n + 1 > ``seq_len``."""
+    b = len(id_lists)
+    out = {"inputs": np.full((b, seq_len), pad, np.int32),
+           "targets": np.full((b, seq_len), pad, np.int32),
+           "loss_weights": np.zeros((b, seq_len), np.float32),
+           "segment_ids": np.zeros((b, seq_len), np.int32),
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                        (b, seq_len)).copy()}
+    for r, ids in enumerate(id_lists):
+        n = len(ids) + 1
+        if n > seq_len:
+            what = repr(texts[r]) if texts is not None else f"row {r}"
+            raise DataError(f"target {what} takes {n} decoder tokens, more than "
+                            f"data.seq_len={seq_len}")
+        out["inputs"][r, :n] = [bos, *ids]
+        out["targets"][r, :n] = [*ids, eos]
+        out["loss_weights"][r, :n] = 1.0
+        out["segment_ids"][r, :n] = 1
+    return out

@@ -29,6 +29,7 @@ import numpy as np
 from jaxformer.config import AUDIO_HOP
 from jaxformer.data import dtmf, speech
 from jaxformer.data.errors import DataError
+from jaxformer.data.packing import decoder_rows
 
 PREFIX = "speech:"
 SOURCES = ("morse", "dtmf")
@@ -69,24 +70,8 @@ def check(source: str, sample_rate: int, clip_seconds: float, seq_len: int) -> N
 
 def transcript_rows(texts: list[str], seq_len: int) -> Batch:
     """Transcripts -> the decoder half of a batch ([B, L] each, module docstring)."""
-    b = len(texts)
-    out = {"inputs": np.full((b, seq_len), speech.PAD_ID, np.int32),
-           "targets": np.full((b, seq_len), speech.PAD_ID, np.int32),
-           "loss_weights": np.zeros((b, seq_len), np.float32),
-           "segment_ids": np.zeros((b, seq_len), np.int32),
-           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                        (b, seq_len)).copy()}
-    for r, text in enumerate(texts):
-        ids = speech.encode_text(text)
-        n = len(ids) + 1
-        if n > seq_len:
-            raise DataError(f"transcript {text!r} takes {n} decoder tokens, more than "
-                            f"data.seq_len={seq_len}")
-        out["inputs"][r, :n] = np.concatenate([[speech.BOS_ID], ids])
-        out["targets"][r, :n] = np.concatenate([ids, [speech.EOS_ID]])
-        out["loss_weights"][r, :n] = 1.0
-        out["segment_ids"][r, :n] = 1
-    return out
+    return decoder_rows([speech.encode_text(t) for t in texts], seq_len, pad=speech.PAD_ID,
+                        bos=speech.BOS_ID, eos=speech.EOS_ID, texts=list(texts))
 
 
 def to_batch(clips: speech.SpeechBatch, seq_len: int) -> Batch:

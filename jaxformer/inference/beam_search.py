@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxformer.errors import UserError
 from jaxformer.inference.families import Family
+from jaxformer.inference.generate import Generator
 
 NEG = -1.0e9  # transformers' penalty for entries that must not be chosen
 
@@ -230,3 +231,20 @@ def beam_search(family: Family, params: Any, prompts: Sequence[Sequence[int]], *
     tokens, scores, lengths = (np.asarray(x) for x in (tokens, scores, lengths))
     return [[Beam([int(x) for x in tokens[r, j, :lengths[r, j]]], float(scores[r, j]))
              for j in range(num_return_sequences)] for r in range(len(prompts))]
+
+
+def best_sequences(family: Family, params: Any, prompts: Sequence[Any], max_new_tokens: int, *,
+                   eos_id: int, pad_id: int, num_beams: int = 1, length_penalty: float = 1.0,
+                   generator: Generator | None = None) -> list[list[int]]:
+    """Each prompt's decoded tokens (its EOS not included): greedy with ``num_beams`` 1 (through
+    ``generator``, a greedy ``Generator`` of ``family`` reused across calls, or a new one), else
+    the best hypothesis of a beam search. What transcribing and captioning share."""
+    if num_beams > 1:
+        beams = beam_search(family, params, list(prompts), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens, eos_ids=[eos_id], pad_id=pad_id,
+                            length_penalty=length_penalty)
+        return [b[0].tokens for b in beams]
+    if generator is None:
+        generator = Generator(family, params, pad_id=pad_id)
+    return [g.tokens for g in generator.generate(list(prompts), max_new_tokens,
+                                                 stop_tokens=[eos_id])]

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxformer.config import Config
 from jaxformer.data import captions
-from jaxformer.inference.beam_search import beam_search
+from jaxformer.inference.beam_search import best_sequences
 from jaxformer.inference.families import Family, family_for
 from jaxformer.inference.generate import Generator
 from jaxformer.objectives.base import Task
@@ -26,15 +26,10 @@ def describe(family: Family, params: Any, images: Sequence[np.ndarray], *, num_b
              generator: Generator | None = None) -> list[str]:
     """Images [S, S, C] float -> their captions: greedy (``num_beams`` 1) or the best beam.
     ``generator``: a greedy ``Generator`` of ``family`` to reuse across calls."""
-    max_new = captions.max_caption_tokens()
-    if num_beams > 1:
-        beams = beam_search(family, params, list(images), num_beams=num_beams,
-                            max_new_tokens=max_new, eos_ids=[captions.EOS_ID],
-                            pad_id=captions.PAD_ID)
-        return [captions.decode_caption(b[0].tokens) for b in beams]
-    generator = generator or Generator(family, params, pad_id=captions.PAD_ID)
-    gens = generator.generate(list(images), max_new, stop_tokens=[captions.EOS_ID])
-    return [captions.decode_caption(g.tokens) for g in gens]
+    rows = best_sequences(family, params, images, captions.max_caption_tokens(),
+                          eos_id=captions.EOS_ID, pad_id=captions.PAD_ID, num_beams=num_beams,
+                          generator=generator)
+    return [captions.decode_caption(r) for r in rows]
 
 
 def heldout_captions(cfg: Config, graphdef: Any, params: Any, data: captions.CaptionTask,

@@ -256,24 +256,18 @@ class AudioSeq2SeqFamily(Seq2SeqFamily):
         return logits[:, -1], state, 1
 
 
-class ImagePrefixFamily:
+class ImagePrefixFamily(Seq2SeqFamily):
     """An image-prefix decoder (``model.arch='image_prefix'``): the prompts are images
     [H, W, C] float; the image's projected patches fill cache slots 0..N-1 (attending both ways,
-    as trained), the decoder-start token slot N, and each new token the next slot."""
+    as trained), the decoder-start token slot N, and each new token the next slot. Its
+    bookkeeping is ``Seq2SeqFamily``'s (a decoder-start token, the start token as history)."""
 
     kind = "image_prefix"
-    left_pad = False
 
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, *, decoder_start_id: int,
                  unpack: Unpack | None = None):
-        self.cfg, self.graphdef = cfg, graphdef
-        self.decoder_start_id = decoder_start_id
-        self.unpack = unpack or (lambda p: p)
-        self.vocab_size = cfg.vocab_size
+        super().__init__(cfg, graphdef, decoder_start_id=decoder_start_id, unpack=unpack)
         self.patches = (cfg.image_size // cfg.patch_size) ** 2
-
-    def _model(self, params: Any) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.unpack(params))
 
     def pack(self, prompts: Sequence[np.ndarray], pad_id: int) -> Prompts:
         """Images -> Prompts(tokens=[B, H, W, C] float32, lengths=[B] patches)."""
@@ -306,20 +300,13 @@ class ImagePrefixFamily:
         logits, cache = model.prefill(tokens, start, model.init_cache(b, cache_len))
         return logits[:, -1], {"cache": cache}, self.patches + 1
 
-    def history(self, tokens: jnp.ndarray, lengths: jnp.ndarray
-                ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """What logits processors see before the first new token: the start token."""
-        b = tokens.shape[0]
-        return (jnp.full((b, 1), self.decoder_start_id, jnp.int32),
-                jnp.zeros((b,), jnp.int32))
-
     def step(self, params: Any, tokens: jnp.ndarray, state: State,
              slot: jnp.ndarray) -> tuple[jnp.ndarray, State]:
         logits, cache = self._model(params).decode(tokens, state["cache"], slot)
         return logits, {**state, "cache": cache}
 
 
-Family = DecoderFamily | Seq2SeqFamily | ImagePrefixFamily
+Family = DecoderFamily | Seq2SeqFamily
 
 
 def decodes(model: ModelConfig) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from jaxformer.config import Config
 from jaxformer.data import speech, speech_task
 from jaxformer.errors import UserError
-from jaxformer.inference.beam_search import beam_search
+from jaxformer.inference.beam_search import best_sequences
 from jaxformer.inference.families import Family, family_for
 from jaxformer.inference.generate import Generator
 from jaxformer.nn.spectrogram import check_sample_rate
@@ -35,14 +35,10 @@ def transcribe(family: Family, params: Any, waves: Sequence[np.ndarray], max_cha
     """Waves [n] float32 (any lengths) -> their transcripts: greedy (``num_beams`` 1) or the
     best beam of a beam search; at most ``max_chars`` characters each. ``generator``: a
     greedy ``Generator`` of ``family`` to reuse (its compiled loop) across calls."""
-    if num_beams > 1:
-        beams = beam_search(family, params, list(waves), num_beams=num_beams,
-                            max_new_tokens=max_chars + 1, eos_ids=[speech.EOS_ID],
-                            pad_id=speech.PAD_ID, length_penalty=length_penalty)
-        return [speech.decode_text(b[0].tokens) for b in beams]
-    generator = generator or Generator(family, params, pad_id=speech.PAD_ID)
-    gens = generator.generate(list(waves), max_chars + 1, stop_tokens=[speech.EOS_ID])
-    return [speech.decode_text(g.tokens) for g in gens]
+    rows = best_sequences(family, params, waves, max_chars + 1, eos_id=speech.EOS_ID,
+                          pad_id=speech.PAD_ID, num_beams=num_beams,
+                          length_penalty=length_penalty, generator=generator)
+    return [speech.decode_text(r) for r in rows]
 
 
 def speech_family(cfg: Config, graphdef: Any) -> Family:
