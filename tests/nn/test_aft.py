@@ -263,7 +263,10 @@ def test_module_causal_output_ignores_later_tokens(variant):
     x2[:, 9:] = rng.standard_normal(x2[:, 9:].shape)
     y, y2 = (np.asarray(layer(jnp.asarray(a), is_causal=True,
                               segment_ids=jnp.ones((B, T), jnp.int32))[0]) for a in (x, x2))
-    np.testing.assert_allclose(y[:, :9], y2[:, :9], rtol=1e-6, atol=1e-7)  # rounding only
+    # Rounding only: full AFT shifts exp(K) by max_t K over the whole sequence, which the
+    # later tokens change; the shift cancels in the ratio up to float32 rounding (seen: 2.4e-7
+    # on an entry of 0.03, one ulp of the ~1-sized numerator and denominator).
+    np.testing.assert_allclose(y[:, :9], y2[:, :9], rtol=1e-5, atol=1e-6)
     assert np.abs(y[:, 9:] - y2[:, 9:]).max() > 1e-3
 
 
