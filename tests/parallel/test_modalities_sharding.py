@@ -1,6 +1,7 @@
-"""Image and audio batches shard over the mesh as text batches do (tests/train/test_sharding.py):
-on 8 fake CPU devices a tiny ViT (``image:digits``, classification) and a tiny Whisper-style
-recognizer (``speech:dtmf``, transcription) train on the batches their objective's task builds
+"""Image, audio and caption batches shard over the mesh as text batches do
+(tests/train/test_sharding.py): on 8 fake CPU devices a tiny ViT (``image:digits``,
+classification), a tiny Whisper-style recognizer (``speech:dtmf``, transcription) and a tiny
+image-prefix captioner (``caption:digits``) train on the batches their objective's task builds
 with the losses of 1 device, under the data-parallel and the FSDP mesh; every batch array's rows
 are split one per device; and a mesh that splits the sequence axis (which pixel and audio
 batches do not have) is a one-line error before anything compiles."""
@@ -42,6 +43,14 @@ CONFIGS = {
                               vocab_size=40, audio_mels=16, max_len=150),
         data=DataConfig(source="speech:dtmf", seq_len=8, sample_rate=16000, clip_seconds=3.0),
         objective=ObjectiveConfig(kind="transcription"), train=TRAIN),
+    # 24x24 images of digits, 4x4 patches (36) as the prefix of 6 caption tokens: pixels
+    # [8, 24, 24, 1] + the decoder rows [8, 6]
+    "caption": Config(
+        model=presets.image_prefix(n_layers=1, vision_layers=1, d_model=32, n_heads=4,
+                                   d_ff=64, patch_size=4, image_size=24, image_channels=1,
+                                   vocab_size=16, max_len=42, init_std=0.1),
+        data=DataConfig(source="caption:digits", seq_len=6),
+        objective=ObjectiveConfig(kind="captioning"), train=TRAIN),
 }
 
 
@@ -78,7 +87,7 @@ def modality(name):
     return res
 
 
-with ThreadPoolExecutor(2) as pool:
+with ThreadPoolExecutor(3) as pool:
     out = dict(zip(CONFIGS, pool.map(modality, CONFIGS)))
 print(json.dumps(out))
 """
@@ -86,10 +95,11 @@ print(json.dumps(out))
 TOLERANCE = 1e-6  # relative, per step's loss (seen: at most 2e-7)
 
 
-def test_image_and_audio_batches_shard_like_text_batches():
+def test_image_audio_and_caption_batches_shard_like_text_batches():
     result = run_with_devices(SCRIPT, 8, timeout=600)
     for name, modality_key, words in (("image", "pixels", "image batches"),
-                                      ("audio", "audio", "audio batches")):
+                                      ("audio", "audio", "audio batches"),
+                                      ("caption", "pixels", "image batches")):
         res = result[name]
         assert modality_key in res["shapes"] and res["shapes"][modality_key][0] == 8
         one = res["one"]
