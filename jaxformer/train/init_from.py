@@ -47,14 +47,15 @@ def is_hf_dir(path: Path) -> bool:
 
 # ModelConfig fields that are the experiment's choice whatever the weights: regularization,
 # kernels, numerics, memory, initialization of new parameters, the classification head, how
-# experts are batched and penalized, and when random features are redrawn. Every other field
+# experts are batched and penalized, when random features are redrawn, and which parameters
+# train (a captioner fine-tuned with its tower frozen). Every other field
 # shapes the parameters or defines what they compute (sizes, positions, norms, activation,
 # attention and expert layout), so it is part of the architecture a fine-tune takes from its
 # source (a new field too, by default).
 EXPERIMENT_MODEL_KEYS = frozenset({
     "dropout", "attention_dropout", "attention", "param_dtype", "compute_dtype", "init_std",
     "scan_layers", "remat", "num_labels", "capacity_factor", "moe_group_size",
-    "router_aux_loss", "router_z_loss", "feature_redraw", "ff_chunks"})
+    "router_aux_loss", "router_z_loss", "feature_redraw", "ff_chunks", "freeze_vision"})
 ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                           if f.name not in EXPERIMENT_MODEL_KEYS)
 

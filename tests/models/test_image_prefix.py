@@ -156,6 +156,15 @@ def test_frozen_vision_tower_is_bitwise_unchanged_by_training(tmp_path):
         equal = all(np.array_equal(np.asarray(x), np.asarray(y))
                     for x, y in zip(a, b, strict=True))
         assert equal == same, part
+    # Fine-tuning from this run: the architecture comes from it, but which parameters train is
+    # the new experiment's choice (its freeze_vision=false is kept, not the source's true).
+    from jaxformer.train.init_from import model_from_source
+    tuned = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, freeze_vision=False, d_model=64, d_ff=128),
+        train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "run")))
+    got, note = model_from_source(tuned)
+    assert got.model.freeze_vision is False and (got.model.d_model, got.model.d_ff) == (32, 64)
+    assert "freeze_vision" not in note and "d_model 64 -> 32" in note
 
 
 @pytest.mark.parametrize("overrides,message", [
