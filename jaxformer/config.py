@@ -30,7 +30,7 @@ class ModelConfig:
     """Transformer shape, block choices and numerics. Defaults give the GPT-2 layout; the
     presets in ``jaxformer.models.presets`` set the other families."""
 
-    arch: str = "decoder"  # decoder | encoder | encoder_decoder | image_prefix
+    arch: str = "decoder"  # decoder | encoder | encoder_decoder | image_prefix | xlnet
     n_layers: int = 4  # encoder_decoder: encoder layers
     n_decoder_layers: int = 0  # encoder_decoder: decoder layers; 0 means n_layers
     d_model: int = 256
@@ -58,6 +58,10 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
     type_vocab_size: int = 0  # >0: token-type (segment A/B) embeddings (BERT)
     num_labels: int = 0  # >0: a pooled sequence-classification head with this many classes
+    # >0: instead, a per-token classification head with this many classes (BERT's
+    # BertForTokenClassification: dropout -> dense D->L on every token's final state; no pooler,
+    # no masked-LM head), as objective.kind=token_classification trains
+    token_labels: int = 0
     # With num_labels: classify PAIRS of sequences, each encoded on its own by the same encoder
     # (LRA's two-tower retrieval); the classifier reads [u, v, u*v, u-v] of the two pooled
     # states (model.pooling). Rows hold the two sequences one after the other.
@@ -252,6 +256,8 @@ class ObjectiveConfig:
     bidirectional prefix, loss on the continuation. span_corruption (encoder_decoder): T5.
     seq2seq (encoder_decoder): input -> target pairs of a task (``data.source`` synthetic:...).
     classification (encoder with model.num_labels): one label per snippet.
+    token_classification (encoder with model.token_labels): one label per token.
+    permutation_lm (xlnet): XLNet, each token from its predecessors in a sampled order.
     """
 
     kind: str = "causal"
@@ -261,6 +267,7 @@ class ObjectiveConfig:
     whole_word: bool = False  # masked_lm: select whole words
     prefix_min: float = 0.25  # prefix_lm: the split point is drawn in [min, max] of each doc
     prefix_max: float = 0.75
+    partial_k: int = 6  # permutation_lm: predict the last ceil(L / K) tokens of each order
     noise_density: float = 0.15  # span_corruption: share of tokens masked
     mean_span_length: float = 3.0  # span_corruption: mean noise span length
     targets_len: int = 0  # span_corruption decoder length; 0: as T5's random_spans_helper
@@ -496,7 +503,7 @@ def _type_name(typ: Any) -> str:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_encoding": ("learned", "sinusoidal", "sinusoidal_2d", "rope", "alibi",
                            "t5_relative", "shaw", "none"),
-    "model.arch": ("decoder", "encoder", "encoder_decoder", "image_prefix"),
+    "model.arch": ("decoder", "encoder", "encoder_decoder", "image_prefix", "xlnet"),
     "model.attention_type": ("mha", "mla", "longformer", "bigbird", "performer", "rfa",
                              "linear", "lsh", "aft_full", "aft_local", "aft_simple"),
     "model.norm": ("layernorm", "rmsnorm", "scalenorm"),
@@ -567,7 +574,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"bad value for {key}: {get_key(cfg, key)} must be in [0, 1)")
     for key in ("train.schedule_steps", "sample.count", "model.d_ff", "model.head_dim",
                 "model.sliding_window", "model.n_decoder_layers", "model.type_vocab_size",
-                "model.num_labels", "model.kv_lora_rank", "model.q_lora_rank",
+                "model.num_labels", "model.token_labels", "model.kv_lora_rank",
+                "model.q_lora_rank",
                 "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim",
                 "model.patch_size", "model.image_size", "model.image_channels",
                 "model.vision_layers"):

@@ -76,6 +76,8 @@ OBJECTIVES: dict[object, Recipe] = {
     "causal": GPT,
     "masked_lm": ("bert_tiny", TEXT),
     "prefix_lm": ("prefixlm_tiny", TEXT),
+    # XLNet: a two-stream model over sampled factorisation orders
+    "permutation_lm": ("xlnet_tiny", TEXT),
     # T5's 100 sentinel tokens need room in the vocabulary
     "span_corruption": ("t5_tiny", (*TEXT, "model.vocab_size=512",
                                     "model.n_decoder_layers=1")),
@@ -88,6 +90,8 @@ OBJECTIVES: dict[object, Recipe] = {
     # which of 2 stdlib packages a snippet is from; trained from scratch here
     "classification": ("bert_classify", (*TEXT, "model.num_labels=2", "train.init_from=",
                                          "model.dropout=0")),
+    # the lexical category of each token of the tiny corpus's Python: a per-token head
+    "token_classification": ("tag_python", TEXT),
 }
 BERT: Recipe = OBJECTIVES["masked_lm"]
 # A Vision Transformer on the bundled 8x8 digits (no corpus): its own lengths and shapes.
@@ -130,7 +134,8 @@ SEPARATE: dict[str, dict[object, Recipe]] = {
     "model.attention_type": ATTENTION_TYPES,
     "model.arch": {"decoder": OBJECTIVES["causal"], "encoder": OBJECTIVES["masked_lm"],
                    "encoder_decoder": OBJECTIVES["span_corruption"],
-                   "image_prefix": OBJECTIVES["captioning"]},
+                   "image_prefix": OBJECTIVES["captioning"],
+                   "xlnet": OBJECTIVES["permutation_lm"]},
     # what the classifier's pooler reads: only a classifier has one
     "model.pooling": {"first": OBJECTIVES["classification"],
                       "mean": (OBJECTIVES["classification"][0],

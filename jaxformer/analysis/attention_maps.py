@@ -251,6 +251,9 @@ def write_attention_maps(run_dir: Path, text: str, out: Path, *, step: int | Non
     if saved.model.attention_type not in ("mha", "mla"):
         raise UserError(f"{run_dir} uses model.attention_type={saved.model.attention_type!r}, "
                         "which forms no softmax attention map to draw")
+    if saved.model.arch == "xlnet":
+        raise UserError(f"{run_dir} holds a two-stream permutation LM (model.arch='xlnet'), "
+                        "whose attention depends on a sampled order: no map is drawn for it")
     if target is not None and saved.model.arch != "encoder_decoder":
         raise UserError(f"--target is for encoder-decoder models; {run_dir} holds "
                         f"model.arch={saved.model.arch!r}")

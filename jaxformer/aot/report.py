@@ -64,6 +64,8 @@ def abstract_batch(rt: Runtime) -> dict[str, jax.ShapeDtypeStruct]:
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
                                      sharding=rt.batch_sharding) for k in _BATCH_KEYS}
+    if cfg.model.arch == "xlnet":  # + the factorisation order of permutation_lm's rows
+        batch["order"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rt.batch_sharding)
     if cfg.model.arch == "image_prefix":  # + the images whose patches are the prefix
         m = cfg.model
         batch["pixels"] = jax.ShapeDtypeStruct(

@@ -80,7 +80,8 @@ class PretrainedModel:
     take ``token_type_ids=``); encoder-decoder: ``model(input_ids, decoder_input_ids,
     attention_mask=None, decoder_attention_mask=None)``. Inputs are [B, T] numpy or jax arrays;
     attention masks are 1 for real tokens and 0 for padding. -> logits [B, T, V] float32 (the
-    decoder's length for encoder-decoders).
+    decoder's length for encoder-decoders); a token classifier (``token_labels`` > 0, as
+    ``*ForTokenClassification``) gives its per-token logits [B, T, token_labels].
     """
 
     config: ModelConfig

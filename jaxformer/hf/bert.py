@@ -1,8 +1,10 @@
-"""BERT (``BertForMaskedLM``, ``BertForSequenceClassification``) <-> jaxformer's encoder.
+"""BERT (``BertForMaskedLM``, ``BertForSequenceClassification``,
+``BertForTokenClassification``) <-> jaxformer's encoder.
 
 Which head a directory holds is read from config.json's ``architectures``: a sequence
 classifier becomes an encoder with ``num_labels`` > 0 (pooler + classifier, no masked-LM head),
-anything else a masked-LM encoder (``num_labels`` = 0). Export writes the class that matches.
+a token classifier one with ``token_labels`` > 0 (a per-token classifier, no pooler), anything
+else a masked-LM encoder. Export writes the class that matches.
 
 BERT's projections are ``torch.nn.Linear`` weights, [out, in]: the transpose of ours ([in, out],
 with the attention's out axis split into heads: w_q [D, N, H], w_out [N, H, D]).
@@ -27,6 +29,7 @@ from jaxformer.models import presets
 MODEL_TYPE = "bert"
 MLM_ARCHITECTURE = "BertForMaskedLM"
 CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+TOKEN_CLASSIFIER_ARCHITECTURE = "BertForTokenClassification"
 GENERATES = False  # an encoder: no generation_config.json
 
 # hidden_act in config.json <-> our activation names.
@@ -45,6 +48,10 @@ def is_classifier(hf: dict) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
 
 
+def is_token_classifier(hf: dict) -> bool:
+    return any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or [])
+
+
 def model_config(hf: dict) -> ModelConfig:
     act = hf.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:
@@ -58,10 +65,12 @@ def model_config(hf: dict) -> ModelConfig:
         if hf.get(flag):
             raise HFConversionError(f"BERT with {flag}=true is not supported")
     archs = hf.get("architectures") or [MLM_ARCHITECTURE]
-    known = (MLM_ARCHITECTURE, CLASSIFIER_ARCHITECTURE, "BertModel", "BertForPreTraining")
+    known = (MLM_ARCHITECTURE, CLASSIFIER_ARCHITECTURE, TOKEN_CLASSIFIER_ARCHITECTURE,
+             "BertModel", "BertForPreTraining")
     if not any(a in known for a in archs):
         raise HFConversionError(f"BERT architectures {archs} are not supported "
-                                f"({MLM_ARCHITECTURE} and {CLASSIFIER_ARCHITECTURE} are)")
+                                f"({MLM_ARCHITECTURE}, {CLASSIFIER_ARCHITECTURE} and "
+                                f"{TOKEN_CLASSIFIER_ARCHITECTURE} are)")
     if not hf.get("type_vocab_size", 2):
         raise HFConversionError("BERT with type_vocab_size=0 is not supported")
     return presets.bert(
@@ -71,7 +80,8 @@ def model_config(hf: dict) -> ModelConfig:
         type_vocab_size=hf.get("type_vocab_size", 2), activation=ACTIVATIONS[act],
         norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
         tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
-        num_labels=_num_labels(hf) if is_classifier(hf) else 0)
+        num_labels=_num_labels(hf) if is_classifier(hf) else 0,
+        token_labels=_num_labels(hf) if is_token_classifier(hf) else 0)
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -85,10 +95,12 @@ def hf_config(cfg: ModelConfig) -> dict:
            "classifier_dropout": None, "position_embedding_type": "absolute",
            "pad_token_id": 0, "tie_word_embeddings": cfg.tie_embeddings,
            "is_decoder": False, "add_cross_attention": False, "use_cache": True}
-    if cfg.num_labels > 0:
-        out["architectures"] = [CLASSIFIER_ARCHITECTURE]
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    labels = cfg.num_labels or cfg.token_labels
+    if labels > 0:
+        out["architectures"] = [CLASSIFIER_ARCHITECTURE if cfg.num_labels
+                                else TOKEN_CLASSIFIER_ARCHITECTURE]
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
     else:
         out["architectures"] = [MLM_ARCHITECTURE]
     return out
@@ -156,6 +168,8 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     if cfg.num_labels > 0:
         out += dense_rules("pooler", "bert.pooler.dense") + dense_rules("classifier", "classifier")
         return out
+    if cfg.token_labels > 0:  # BertForTokenClassification has no pooler
+        return out + dense_rules("token_classifier", "classifier")
     out += [*dense_rules("mlm/transform", "cls.predictions.transform.dense"),
             *layernorm_rules("mlm/norm", "cls.predictions.transform.LayerNorm"),
             Rule("mlm/bias", "cls.predictions.bias")]

@@ -36,6 +36,8 @@ def _refuse_existing(out: Path) -> None:
 def _objective_of(model: ModelConfig) -> str:
     """The objective a converted model is set up to continue training with."""
     if model.arch == "encoder":
+        if model.token_labels:
+            return "token_classification"
         return "classification" if model.num_labels else "masked_lm"
     return "span_corruption" if model.arch == "encoder_decoder" else "causal"
 

@@ -346,5 +346,9 @@ def family_for(cfg: Config, graphdef: nnx.GraphDef, *, decoder_start_id: int | N
             raise UserError("an image-prefix model needs its decoder-start token id")
         return ImagePrefixFamily(cfg.model, graphdef, decoder_start_id=decoder_start_id,
                                  unpack=unpack)
+    if arch == "xlnet":
+        raise UserError("model.arch='xlnet' (objective.kind='permutation_lm') does not "
+                        "generate text: it is trained to fill tokens in a sampled order and "
+                        "has no decode cache; train a decoder to sample")
     raise UserError(f"model.arch={arch!r} does not generate text: an encoder predicts labels "
                     "or masked tokens, not continuations")

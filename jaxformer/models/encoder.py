@@ -1,9 +1,10 @@
 """Encoder-only Transformer (BERT): bidirectional self-attention over packed segments, with a
-masked-LM head or a pooled sequence-classification head.
+masked-LM head, a pooled sequence-classification head or a per-token classification head.
 
-Letters: B batch, T length, D model width, V vocabulary, L labels (cfg.num_labels).
+Letters: B batch, T length, D model width, V vocabulary, L labels (cfg.num_labels, or
+cfg.token_labels for the per-token head).
 
-Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
+Heads follow Hugging Face's BERT classes, chosen by ``cfg.num_labels`` and ``cfg.token_labels``:
 
     num_labels == 0   masked LM (``BertForMaskedLM``): dense D->D -> activation -> LayerNorm
                       -> un-embedding (tied with the token table unless cfg.tie_embeddings is
@@ -18,6 +19,9 @@ Heads follow Hugging Face's two BERT classes, chosen by ``cfg.num_labels``:
                       sequences of T tokens, encoded separately by the same encoder; the
                       pooled states u, v of their first tokens give [u, v, u*v, u-v] ->
                       dropout -> dense 4D->L. ``classify_pair`` -> [B, L].
+    token_labels > 0  token classifier (``BertForTokenClassification``): dropout -> dense D->L
+                      on every token's final hidden state, no pooler. ``__call__`` (and
+                      ``tag``) -> [B, T, L]: like the masked-LM head, one prediction per token.
 
 ``encode`` gives the final hidden states [B, T, D] of either.
 
@@ -106,7 +110,7 @@ class EncoderModel(nnx.Module):
     ``rel_bias`` (ALiBi / T5 / Shaw, bidirectional; shared by all layers), ``blocks/{i}``,
     ``final_norm`` (when cfg.final_norm), then either ``mlm`` (num_labels == 0) or ``pooler``
     (Dense D->D; None with ``cfg.pooler=False``) and ``classifier`` (Dense D->L)
-    (num_labels > 0).
+    (num_labels > 0), or ``token_classifier`` (Dense D->L; token_labels > 0).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -121,7 +125,12 @@ class EncoderModel(nnx.Module):
         self.blocks = make_blocks(cfg, cfg.n_layers, lambda i, r: TransformerBlock(
             cfg, moe=is_moe_layer(cfg, i), rngs=r), rngs)
         self.final_norm = final_norm(cfg)
-        if cfg.num_labels > 0:
+        if cfg.token_labels > 0:  # per-token labels: neither a pooler nor a masked-LM head
+            self.mlm = self.pooler = self.classifier = None
+            self.token_classifier = Dense(cfg.d_model, cfg.token_labels, ("embed", None),
+                                          init_std=cfg.init_std, dtype=dtype,
+                                          param_dtype=pdtype, rngs=rngs)
+        elif cfg.num_labels > 0:
             self.mlm = None
             self.pooler = (Dense(cfg.d_model, cfg.d_model, ("embed", None),
                                  init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
@@ -135,6 +144,8 @@ class EncoderModel(nnx.Module):
         else:
             self.mlm = MaskedLMHead(cfg, rngs=rngs)
             self.pooler = self.classifier = None
+        if cfg.token_labels <= 0:
+            self.token_classifier = None
 
     def encode(self, tokens: jnp.ndarray, positions: jnp.ndarray,
                segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
@@ -185,12 +196,28 @@ class EncoderModel(nnx.Module):
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray,
                  segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
                  *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
-        """Masked-LM logits. Arguments as in ``encode`` -> [B, T, V] float32."""
+        """Per-token logits: the masked-LM head's [B, T, V] float32, or with
+        ``cfg.token_labels`` the token classifier's [B, T, L] (``tag``). Arguments as in
+        ``encode``."""
+        if self.token_classifier is not None:
+            return self.tag(tokens, positions, segment_ids, token_types, dropout_rng=dropout_rng)
         if self.mlm is None:
             raise ValueError("this encoder has a classification head (model.num_labels="
                              f"{self.cfg.num_labels}) and no masked-LM head; call classify()")
         x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=dropout_rng)
         return self.mlm(x, self.embed)
+
+    def tag(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+            segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
+            *, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+        """Token-classification logits of every token (``cfg.token_labels`` > 0): final hidden
+        states -> dropout -> dense D->L. Arguments as in ``encode`` -> [B, T, L] float32
+        (padding's rows meaningless)."""
+        if self.token_classifier is None:
+            raise ValueError("tag() needs a token-classification head (model.token_labels > 0)")
+        rngs = split_rng(dropout_rng, 2)
+        x = self.encode(tokens, positions, segment_ids, token_types, dropout_rng=rngs[0])
+        return self.token_classifier(dropout(x, self.cfg.dropout, rngs[1])).astype(jnp.float32)
 
     def classify(self, tokens: jnp.ndarray, positions: jnp.ndarray,
                  segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,

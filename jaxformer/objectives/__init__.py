@@ -11,9 +11,11 @@ from jaxformer.objectives import (  # noqa: F401 - each module registers its obj
     causal,
     classification,
     masked_lm,
+    permutation_lm,
     prefix_lm,
     seq2seq,
     span_corruption,
+    token_classification,
     transcription,
 )
 from jaxformer.objectives.base import Objective, Task

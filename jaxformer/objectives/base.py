@@ -13,10 +13,12 @@ V vocabulary, C classes):
 
     every objective  inputs, targets, loss_weights, segment_ids, positions   [B, T]
     prefix_lm        + prefix [B, T] (1 = token of its document's bidirectional prefix)
+    permutation_lm   + order [B, T] (each token's rank in its document's factorisation order)
     encoder-decoder  + enc_inputs, enc_segment_ids, enc_positions            [B, S]
     transcription    + audio [B, N] float32, audio_mask [B, N // 160] (no enc_*)
     captioning       + pixels [B, H, W, C] float32 (the image prefix)
     classification   targets, loss_weights [B, 1] (one label per row)
+    token_classification  targets [B, T] labels (not next tokens), loss_weights 0 unlabelled
 
 Each row's randomness (masking, split points, noise spans) comes from
 ``default_rng([seed, step, row])``, so a row does not depend on the batch size of a process

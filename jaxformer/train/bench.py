@@ -34,7 +34,8 @@ from jaxformer.train.runtime import Runtime, build_runtime, format_memory
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     """Uniform random tokens, one document per row, every target counted (an image encoder:
-    uniform random pixels in [0, 1] and labels; an image-prefix decoder: tokens and pixels)."""
+    uniform random pixels in [0, 1] and labels; an image-prefix decoder: tokens and pixels; a
+    token classifier: random labels as targets)."""
     b, t = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
     m = cfg.model
@@ -48,9 +49,14 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
              "segment_ids": np.ones((b, t), np.int32),
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
              "loss_weights": np.ones((b, t), np.float32)}
+    if m.token_labels > 0:  # a per-token classifier: targets are its labels
+        batch["targets"] = rng.integers(0, m.token_labels, (b, t), dtype=np.int32)
     if m.arch == "image_prefix":  # + the images whose patches are the prefix
         batch["pixels"] = rng.random((b, m.image_size, m.image_size, m.image_channels),
                                      np.float32)
+    if m.arch == "xlnet":  # + each row's factorisation order (ranks), as permutation_lm's
+        batch["order"] = rng.permuted(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+                                      axis=1)
     return batch
 
 

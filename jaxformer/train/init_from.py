@@ -54,7 +54,7 @@ def is_hf_dir(path: Path) -> bool:
 # source (a new field too, by default).
 EXPERIMENT_MODEL_KEYS = frozenset({
     "dropout", "attention_dropout", "attention", "param_dtype", "compute_dtype", "init_std",
-    "scan_layers", "remat", "num_labels", "capacity_factor", "moe_group_size",
+    "scan_layers", "remat", "num_labels", "token_labels", "capacity_factor", "moe_group_size",
     "router_aux_loss", "router_z_loss", "feature_redraw", "ff_chunks", "freeze_vision"})
 ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                           if f.name not in EXPERIMENT_MODEL_KEYS)
