@@ -246,6 +246,13 @@ class TrainConfig:
     # state stay; the batch is skipped); this many such steps in a row (>= 1) stop the run
     # (exit 3).
     max_bad_steps: int = 5
+    # Knowledge distillation (Hinton et al. 2015): a jaxformer run dir whose latest checkpoint
+    # is the teacher ("" = off); same tokenizer, any size. Its logits run in the same step,
+    # without gradients. loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T ||
+    # student_T), softmaxes at temperature T (jaxformer.train.teacher).
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +343,19 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (Hu et al. 2021; jaxformer.models.lora, docs/lora.md): the weights of
+    ``train.init_from`` stay frozen and only low-rank adapters of the ``targets`` train."""
+
+    rank: int = 0  # r of the adapters A [in, r] and B [r, out]; 0: off (every weight trains)
+    alpha: float = 16.0  # the adapters' update A @ B is scaled by alpha / rank
+    # Kernels that get adapters: the shorthands q, k, v, o (attention projections), mlp (the
+    # dense feed-forward's kernels) and all (q k v o mlp), or regexes searched in parameter
+    # paths such as blocks/0/attn/w_q. A target that matches no kernel is an error.
+    targets: tuple[str, ...] = ("q", "v")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     model: ModelConfig = ModelConfig()
@@ -347,6 +367,7 @@ class Config:
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
     sample: SampleConfig = SampleConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -668,6 +689,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.beta2": (0, 1, True, False),
     "train.min_lr_ratio": (0, 1, True, True),
     "train.max_bad_steps": (1, None, True, False),
+    "train.distill_alpha": (0, 1, True, True),
+    "train.distill_temperature": (0, None, False, False),
     "train.seed": (0, None, True, False),
     "data.seed": (0, None, True, False),
     "data.image_shift": (0, None, True, False),
@@ -677,6 +700,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "sample.temperature": (0, None, True, False),
     "sample.top_k": (0, None, True, False),
     "sample.top_p": (0, 1, False, True),
+    "lora.rank": (0, None, True, False),
+    "lora.alpha": (0, None, False, False),
     "model.init_std": (0, None, True, False),
     "model.norm_eps": (0, None, False, False),
     "model.attention_scale": (0, None, True, False),

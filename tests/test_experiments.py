@@ -20,7 +20,8 @@ def test_experiment_runs_one_step(path, tmp_path):
     cfg = config_lib.load_experiment(path)
     corpus = write_corpus(tmp_path / "corpus", n_docs=200)
     overrides = ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2", "eval.batches=1",
-                 "data.val_fraction=0.1", "sample.count=0", "train.init_from="]
+                 "data.val_fraction=0.1", "sample.count=0", "train.init_from=",
+                 "train.teacher="]
     if not cfg.data.source.startswith(GENERATED_SOURCES):  # generated or bundled: no corpus
         overrides.append(f"data.source={corpus}")
     cfg = config_lib.apply_overrides(cfg, overrides)

@@ -41,5 +41,7 @@ def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return ARCHITECTURES[cfg.arch](cfg, rngs=rngs)
 
 
+from jaxformer.models import lora as _lora  # noqa: E402,F401 - registers the lora.targets check
+
 __all__ = ["ARCHITECTURES", "DecoderLM", "EncoderDecoderLM", "EncoderModel", "ImagePrefixLM",
            "XLNetLM", "build_model"]

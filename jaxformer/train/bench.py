@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxformer import config as config_lib
 from jaxformer.config import Config
 from jaxformer.data import images
 from jaxformer.train.flops import (
@@ -63,7 +64,8 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
 def compiled_step(cfg: Config) -> tuple[Runtime, Any, Any, dict[str, Any], float]:
     """The config's train step compiled for a synthetic batch -> (runtime, compiled step,
     initial state, batch on the mesh, compile seconds)."""
-    rt = build_runtime(cfg)
+    # The student's step alone: a benchmark loads no distillation teacher (train.teacher).
+    rt = build_runtime(config_lib.set_key(cfg, "train.teacher", ""))
     state = rt.init_state()
     batch = rt.put_batch(synthetic_batch(cfg))
     start = time.perf_counter()

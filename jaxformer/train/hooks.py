@@ -110,6 +110,8 @@ class MetricsLogger:
         o, model = run.cfg.objective, run.cfg.model
         if o.label_smoothing or o.z_loss:
             values.update(nll=mean("nll"), z_loss=mean("z_loss"))
+        if "distill_kl" in m:  # loss = alpha * CE + (1 - alpha) * T^2 * distill_kl
+            values.update(nll=mean("nll"), distill_kl=mean("distill_kl"))
         if model.mtp_heads:  # loss = nll + mtp_weight * mtp_loss (mean of mtp_loss_1 .. n)
             values.update(nll=mean("nll"), **{k: mean(k) for k in m if k.startswith("mtp_loss")})
         if model.n_experts:
@@ -132,7 +134,7 @@ class Evaluator:
     def after_step(self, run: Run, step: int, metrics: Metrics) -> None:
         if step % self.every and step != self.end:
             return
-        ev = evaluate(run, run.state.params)
+        ev = evaluate(run, run.rt.model_params(run.state.params))  # LoRA: merged
         run.evals[step] = ev
         run.reporter.scalars(step, ev, "eval")
         extra = "".join(f" | {name.replace('_', ' ')} {ev[name]:.3f}"

@@ -125,8 +125,8 @@ def _arg(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
-                ) -> tuple[dict[str, Any], str]:
+def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0,
+                step: int | None = None) -> tuple[dict[str, Any], str]:
     """The parameters in ``source`` for a model of ``model_cfg`` -> (params, a note).
 
     Every parameter the model shares with the source must have the source's shape (a mismatch
@@ -140,7 +140,7 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0
     if is_hf_dir(source):
         params = from_pretrained(source).params
     else:
-        _, params = load_run(source)
+        _, params = load_run(source, step)  # step: a run dir's (default: its newest)
     scan = model_cfg.scan_layers  # compare in the looped layout, stack at the end
     model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     template = nnx.to_pure_dict(abstract_model(model_cfg)[1])

@@ -37,6 +37,7 @@ from jaxformer.train.reporting import Reporter
 from jaxformer.train.runtime import Runtime, build_runtime, format_memory
 from jaxformer.train.schedule_change import check_schedule_change
 from jaxformer.train.signals import SignalRequests
+from jaxformer.train.teacher import bind, check_tokenizer
 
 
 @dataclasses.dataclass
@@ -173,7 +174,14 @@ def _setup_locked(cfg: Config, run_dir: Path, rt: Runtime, peak: PeakFlops, lead
         raise UserError(f"the tokenizer has {task.tokenizer.get_vocab_size()} tokens but "
                         f"model.vocab_size is {cfg.model.vocab_size}")
     init_params, init_note = (load_params(cfg.train.init_from, cfg.model, cfg.train.seed)
-                              if cfg.train.init_from and not has_checkpoint else (None, ""))
+                              if cfg.train.init_from and not has_checkpoint and rt.lora is None
+                              else (None, ""))
+    teacher_args = ()  # distillation: the teacher's weights, the train step's third argument
+    if rt.teacher is not None:
+        check_tokenizer(rt.teacher, task.tokenizer)
+        teacher_args = (rt.teacher.load_params(echo),)
+    if rt.lora is not None:  # LoRA: the frozen base (train.init_from), outside the state
+        rt.lora.load_base(run_dir, echo)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead and not locks:
@@ -191,6 +199,8 @@ def _setup_locked(cfg: Config, run_dir: Path, rt: Runtime, peak: PeakFlops, lead
         state = rt.init_state()
     if lead:
         rundir.write_config(run_dir, cfg)
+        if rt.lora is not None:  # lora_base.json: the base's dir and step
+            rt.lora.write_record(run_dir)
         if task.data_manifest is not None:
             rundir.write_data_manifest(run_dir, task.data_manifest)
         if task.tokenizer is not None and not (run_dir / rundir.TOKENIZER_FILE).exists():
@@ -207,8 +217,9 @@ def _setup_locked(cfg: Config, run_dir: Path, rt: Runtime, peak: PeakFlops, lead
               say=echo, echo=echo, lead=lead, start=start, baseline_note=baseline_note,
               peak=peak)
     # Compile once ahead of time: the same executable reports its memory and then trains.
-    run.train_step = rt.train_step.lower(state, run.train_batch(start)).compile()
-    echo(format_memory(rt.memory_report(state, run.train_step)))
+    compiled = rt.train_step.lower(state, run.train_batch(start), *teacher_args).compile()
+    echo(format_memory(rt.memory_report(state, compiled)))
+    run.train_step = bind(compiled, *teacher_args)
     run.bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
                         dynamic_ncols=True, leave=True)
     run.say = run.bar.write if progress else echo  # tqdm.write keeps the bar below the lines
@@ -250,7 +261,8 @@ def finish(run: Run) -> TrainResult:
         wanted = False
     if step == cfg.train.steps and run.objective.sampling and wanted:
         # Every process takes part in gathering the parameters; only the first decodes.
-        _, view, view_params = looped(cfg.model, host_params(run.state.params))
+        _, view, view_params = looped(cfg.model, host_params(run.rt.model_params(
+            run.state.params)))
         pairs = (inference.SAMPLERS[run.objective.sampling](cfg, view, view_params, run.task)
                  if run.lead else [])
         samples = [completion for _, completion in pairs]

@@ -27,6 +27,7 @@ from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
 from jaxformer.parallel.target import target_platform
+from jaxformer.train.lora import Lora, lora_for
 from jaxformer.train.optimizer import frozen_params, learning_rate_schedule, make_optimizer
 from jaxformer.train.state import (
     TrainState,
@@ -35,6 +36,7 @@ from jaxformer.train.state import (
     state_shardings,
 )
 from jaxformer.train.step import make_eval_step, make_train_step, uses_dropout
+from jaxformer.train.teacher import Teacher, teacher_for
 
 Batch = dict[str, np.ndarray]
 
@@ -51,17 +53,31 @@ class Runtime:
     batch_sharding: NamedSharding
     train_step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]
     eval_step: Callable[[Any, dict[str, jax.Array]], dict]
+    # train.teacher: then train_step takes the teacher's weights as a third argument
+    teacher: Teacher | None = None
+    # lora.rank > 0: the state holds adapters, and train_step reads the base lora.load_base
+    # loads (jaxformer.train.lora)
+    lora: Lora | None = None
 
     # --- state ---------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shardings."""
+        if self.lora is not None:
+            return self.lora.init_state()
         return create_train_state(self.cfg.model, self.tx, self.cfg.train.seed, self.mesh,
                                   self.rules)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with this mesh's shardings: the checkpoint restore target."""
+        if self.lora is not None:
+            return self.lora.abstract_state()
         return abstract_train_state(self.cfg.model, self.tx, self.mesh, self.rules)
+
+    def model_params(self, params: Any) -> Any:
+        """The model's weights of a state's ``params``: themselves, or with LoRA the base
+        with the adapters ``params`` merged in (what evaluation and sampling run)."""
+        return params if self.lora is None else self.lora.merged(params)
 
     # --- data ----------------------------------------------------------------------------
 
@@ -144,17 +160,23 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     shardings = state_shardings(cfg.model, tx, mesh, rules)
     rep = replicated(mesh)
     forward = get_objective(cfg.objective.kind).logits
+    teacher = teacher_for(cfg, mesh, rules)
+    lora = lora_for(cfg, tx, mesh, rules)
+    step_shardings = shardings if lora is None else lora.state_sharding
     train_step = make_train_step(
-        graphdef, tx, schedule, cfg.train.grad_accum, shardings, b_sharding, rep,
+        graphdef, tx, schedule, cfg.train.grad_accum, step_shardings, b_sharding, rep,
         forward=forward, dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
         label_smoothing=cfg.objective.label_smoothing, z_loss=cfg.objective.z_loss,
         mesh=mesh, rules=rules, moe=moe_coefficients(cfg),
-        mtp_weight=cfg.objective.mtp_weight, redraw=feature_redraw(cfg))
+        mtp_weight=cfg.objective.mtp_weight, redraw=feature_redraw(cfg), teacher=teacher,
+        lora=lora)
+    if lora is not None:
+        train_step = lora.bind(train_step)
     eval_step = make_eval_step(graphdef, shardings.params, b_sharding, rep, forward=forward,
                                mesh=mesh, rules=rules)
     return Runtime(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
-                   schedule=schedule, state_sharding=shardings, batch_sharding=b_sharding,
-                   train_step=train_step, eval_step=eval_step)
+                   schedule=schedule, state_sharding=step_shardings, batch_sharding=b_sharding,
+                   train_step=train_step, eval_step=eval_step, teacher=teacher, lora=lora)
 
 
 def feature_redraw(cfg: Config) -> FeatureRedraw | None:

@@ -19,9 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxformer.nn.attention_families import FeatureRedraw, without_features
 from jaxformer.nn.moe_stats import collect_moe_stats
+from jaxformer.objectives.distillation import distillation_kl_sums, distilled_loss_sum
 from jaxformer.objectives.loss import collect_mtp_sums, cross_entropy_sums
 from jaxformer.parallel.sharding import Rules, activation_sharding
 from jaxformer.train.state import TrainState
+from jaxformer.train.teacher import Teacher
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -31,9 +33,16 @@ LogitsFn = Callable[[Any, Batch, jax.Array | None], jax.Array]
 
 def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: float = 0.0,
                    z_loss: float = 0.0, moe: tuple[float, float] | None = None,
-                   mtp_weight: float = 0.0) -> Callable[..., Metrics]:
-    """``loss_sums(params, batch, dropout_rng)`` -> weighted sums (see cross_entropy_sums) of
-    the logits ``forward`` (the objective's model call) returns.
+                   mtp_weight: float = 0.0, teacher: Teacher | None = None
+                   ) -> Callable[..., Metrics]:
+    """``loss_sums(params, batch, dropout_rng, teacher_params)`` -> weighted sums (see
+    cross_entropy_sums) of the logits ``forward`` (the objective's model call) returns.
+
+    With a ``teacher`` (knowledge distillation) the label loss becomes ``alpha * CE +
+    (1 - alpha) * T^2 * KL(teacher_T || student_T)`` (``objectives.distillation``) with the
+    teacher's logits on the same batch; ``alpha`` scales the CE as label smoothing and z-loss
+    shape it, and the MoE and MTP terms below are added unscaled. The KL comes back as
+    ``distill_kl_sum``; ``nll_sum`` stays the plain NLL.
 
     With ``moe = (a, b)`` the objective adds ``a * load_balance + b * router_z`` (means over
     the MoE layers), weighted by the batch's target count so that the final division by the
@@ -41,12 +50,18 @@ def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: f
     A model with MTP modules adds ``mtp_weight * mtp_loss_sum`` (what the causal objective
     recorded: ``objectives.loss.mtp_loss_sums``), which comes back as ``mtp_*`` too.
     """
-    def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> Metrics:
+    def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None,
+                  teacher_params: Any = None) -> Metrics:
         model = nnx.merge(graphdef, params)
         capture = nnx.capture(lambda m: forward(m, batch, dropout_rng), nnx.Intermediate)
         logits, intermediates = capture(model)
         sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
                                   label_smoothing=label_smoothing, z_loss=z_loss)
+        if teacher is not None:
+            sums.update(distillation_kl_sums(logits, teacher.logits(teacher_params, batch),
+                                             batch["loss_weights"], teacher.temperature))
+            sums["loss_sum"] = distilled_loss_sum(sums["loss_sum"], sums["distill_kl_sum"],
+                                                  teacher.alpha, teacher.temperature)
         if moe is not None:
             stats = collect_moe_stats(intermediates)
             w = sums["weight_sum"]
@@ -79,8 +94,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     label_smoothing: float = 0.0, z_loss: float = 0.0, mesh: Mesh | None = None,
                     rules: Rules | None = None,
                     moe: tuple[float, float] | None = None, mtp_weight: float = 0.0,
-                    redraw: FeatureRedraw | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    redraw: FeatureRedraw | None = None, teacher: Teacher | None = None,
+                    lora: Any = None
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings
     and the incoming state donated (updated in place). With ``dropout`` the model gets a key
     derived from (seed, step, micro-batch); label smoothing and z-loss shape the objective
@@ -90,20 +106,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     make_loss_sums). ``redraw`` (``model.feature_redraw > 0``) replaces the Performer/RFA
     random features by a fresh draw after every k-th update (a pure function of the seed, the
     new step count and the layer; see ``FeatureRedraw``). ``param_norm`` leaves the features
-    out: they are drawn, not trained."""
-    loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight)
+    out: they are drawn, not trained. With a ``teacher`` the step is
+    ``step(state, batch, teacher_params)`` (distillation, see make_loss_sums): the teacher's
+    weights are a third argument, not donated, and gradients are taken of the student's only.
+    With ``lora`` (a ``jaxformer.train.lora.Lora``: ``merge(adapters, base)``,
+    ``params_sharding``) the state's params are LoRA adapters and the frozen weights come as
+    the fourth argument ``lora_base`` (not donated; the third is None without a teacher): the
+    model runs on the merged weights, whose gradient is pulled back to the adapters (XLA drops
+    the gradients of weights no adapter reads)."""
+    loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight,
+                               teacher)
 
-    def sum_grads(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
+    def sum_grads(params: Any, batch: Batch, rng: jax.Array | None,
+                  teacher_params: Any) -> tuple[Any, Metrics]:
         def objective(p):
-            sums = loss_sums(p, batch, rng)
+            sums = loss_sums(p, batch, rng, teacher_params)
             return sums["loss_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)
         return grads, sums
 
-    def accumulate(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[Any, Metrics]:
+    def accumulate(params: Any, batch: Batch, rng: jax.Array | None,
+                   teacher_params: Any) -> tuple[Any, Metrics]:
         if grad_accum == 1:
-            return sum_grads(params, batch, rng)
+            return sum_grads(params, batch, rng, teacher_params)
 
         # [B, T] -> [A, B/A, T]: micro-batch i takes rows i, i+A, ...; rows stay on the
         # device that holds them, since each device's contiguous block splits evenly.
@@ -114,12 +140,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                                  jax.eval_shape(loss_sums, params, jax.tree.map(
-                                     lambda x: x[0], micro)))
+                                     lambda x: x[0], micro), None, teacher_params))
 
         def body(carry, xs):
             mb, i = xs
             mb_rng = None if rng is None else jax.random.fold_in(rng, i)
-            grads, sums = sum_grads(params, mb, mb_rng)
+            grads, sums = sum_grads(params, mb, mb_rng, teacher_params)
             acc_g, acc_s = carry
             return (jax.tree.map(jnp.add, acc_g, grads),
                     jax.tree.map(jnp.add, acc_s, sums)), None
@@ -128,10 +154,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                         (micro, jnp.arange(grad_accum)))
         return grads, sums
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, teacher_params: Any = None,
+             lora_base: Any = None) -> tuple[TrainState, Metrics]:
         rng = dropout_key(seed, state.step) if dropout else None
         with _constraints(mesh, rules):
-            grads, sums = accumulate(state.params, batch, rng)
+            if lora is None:
+                grads, sums = accumulate(state.params, batch, rng, teacher_params)
+            else:
+                weights, pull_back = jax.vjp(lambda a: lora.merge(a, lora_base), state.params)
+                grads, sums = accumulate(weights, batch, rng, teacher_params)
+                (grads,) = pull_back(grads)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         # Back to each parameter's dtype: n is float32, and float32 gradients of bfloat16
         # parameters would turn the optimizer moments float32 after the first step, so the
@@ -161,11 +193,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "skipped": 1.0 - finite.astype(jnp.float32),  # 1: the update was not applied
         }
         metrics.update({k[:-len("_sum")]: v / n for k, v in sums.items()
-                        if k.startswith(("moe_", "mtp_"))})
+                        if k.startswith(("moe_", "mtp_", "distill_"))})
         new_state = TrainState(step=new_step, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+    in_shardings = (state_sharding, batch_sharding)
+    if teacher is not None:  # the teacher's weights: read every step, never donated
+        in_shardings += (teacher.params_sharding,)
+    if lora is not None:  # LoRA's frozen base: the fourth argument, never donated
+        in_shardings = (*in_shardings[:2], in_shardings[2] if teacher else None,
+                        lora.params_sharding)
+    return jax.jit(step, in_shardings=in_shardings,
                    out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
 
 
