@@ -49,6 +49,7 @@ from jaxformer.data.cache import atomic_write_bytes, cache_key, resolve_cache_di
 from jaxformer.data.errors import DataError
 from jaxformer.data.packing import stack_examples
 from jaxformer.data.sources import load_documents
+from jaxformer.data.tokenizer import encode_plain
 
 CATEGORIES = ("keyword", "name", "number", "string", "operator", "comment")
 UNLABELLED = -1
@@ -122,14 +123,8 @@ def encode_with_offsets(tokenizer: Tokenizer, texts: Sequence[str]
                         ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each text's subword ids [n] int32 and character offsets [n, 2], tokenized as the text
     pipeline tokenizes documents (special tokens' text as plain text, none added)."""
-    previous = tokenizer.encode_special_tokens
-    tokenizer.encode_special_tokens = True
-    try:
-        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    finally:
-        tokenizer.encode_special_tokens = previous
     return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2))
-            for e in encodings]
+            for e in encode_plain(tokenizer, texts)]
 
 
 def tag_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[int, Tagged]:

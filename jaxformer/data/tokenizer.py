@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from jaxformer.data import tokenizer_kinds
 from jaxformer.data.errors import DataError
@@ -99,11 +99,17 @@ def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
     A literal "<|endoftext|>" (any special token) inside a document is encoded as ordinary
     text, so that EOS only ever appears where the pipeline puts it, between documents.
     """
+    return [np.asarray(e.ids, dtype=np.int32) for e in encode_plain(tok, texts)]
+
+
+def encode_plain(tok: Tokenizer, texts: Sequence[str]) -> list[Encoding]:
+    """``tok``'s encodings of ``texts`` with special tokens' text read as plain text and no
+    special tokens added (as ``encode_documents`` tokenizes documents; the encodings also
+    carry the character offsets)."""
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
         # encode_batch runs in parallel in Rust; no special tokens are added around documents.
-        encodings = tok.encode_batch(list(texts), add_special_tokens=False)
+        return tok.encode_batch(list(texts), add_special_tokens=False)
     finally:
         tok.encode_special_tokens = previous
-    return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
