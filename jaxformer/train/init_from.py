@@ -126,13 +126,16 @@ def _arg(value: object) -> str:
 
 
 def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0,
-                step: int | None = None) -> tuple[dict[str, Any], str]:
+                step: int | None = None, no_new_because: str = ""
+                ) -> tuple[dict[str, Any], str]:
     """The parameters in ``source`` for a model of ``model_cfg`` -> (params, a note).
 
     Every parameter the model shares with the source must have the source's shape (a mismatch
     is an error naming it). Parameters the source lacks, such as a classification head on top
-    of a masked-LM checkpoint, start from the usual init with ``seed``; source parameters the
-    model lacks (that masked-LM head) are left out. The note names both groups.
+    of a masked-LM checkpoint, start from the usual init with ``seed`` -- unless
+    ``no_new_because`` gives the reason they may not (LoRA: they would never train), which
+    makes them an error; source parameters the model lacks (that masked-LM head) are left out.
+    The note names both groups.
     """
     source = Path(source)
     if not source.is_dir():
@@ -164,6 +167,9 @@ def load_params(source: str | Path, model_cfg: ModelConfig, seed: int = 0,
             where = "the source lacks" if name in expected else "the model lacks"
             raise UserError(f"train.init_from: {source} does not fit the model: parameter "
                             f"{name} ({where} it){_fit_hint(source, model_cfg)}")
+    if new and no_new_because:
+        raise UserError(f"train.init_from: {source} lacks parameters of the model (new "
+                        f"(initialized): {_groups(new)}); {no_new_because}")
     flat = flatten(params)
     if new:
         fresh = flatten(init_params(model_cfg, seed))

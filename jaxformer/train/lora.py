@@ -110,11 +110,10 @@ class Lora:
                                 f"convert --from-hf {where} --out DIR")
             if step is None:
                 step = _latest_step(where)
-            params, note = load_params(where, cfg.model, cfg.train.seed, step=step)
-            if "new (initialized)" in note:
-                raise UserError(f"train.init_from: {where} lacks parameters of the model "
-                                f"({note}); LoRA trains only adapters, so new parameters would "
-                                "stay at their random init")
+            params, note = load_params(
+                where, cfg.model, cfg.train.seed, step=step,
+                no_new_because="LoRA trains only adapters, so new parameters would stay at "
+                               "their random init")
             echo(f"lora: base {where} (step {step}): {note}")
         self.base = jax.device_put(params, self.params_sharding)
         self.record = {"init_from": str(Path(source).absolute()) if source else "",

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxformer import config as config_lib
 from jaxformer.config import ConfigError
+from jaxformer.errors import UserError
 from jaxformer.models import lora
 from jaxformer.models.build import abstract_model, init_params
 from jaxformer.runs import rundir
@@ -307,3 +308,14 @@ def test_export_writes_the_merged_model(base, lora_run, tmp_path):
     plain = nnx.merge(graphdef, base_params)(ids, np.arange(ids.shape[1])[None],
                                              np.ones_like(ids))
     assert np.abs(np.asarray(plain) - theirs).max() > 1e-2
+
+
+def test_a_base_lacking_parameters_of_the_model_is_refused(base, tmp_path):
+    """Parameters the base has not got (here the MTP module of model.mtp_heads=1) would stay at
+    their random init under LoRA: one error naming them, before the run dir is written."""
+    tmp, corpus, _ = base
+    cfg = lora_config(tmp, corpus, "model.mtp_heads=1")
+    with pytest.raises(UserError, match=r"lacks parameters of the model \(new \(initialized\): "
+                                        r"mtp.*\); LoRA trains only adapters"):
+        train(cfg, tmp_path / "run", echo=quiet, progress=False)
+    assert not (tmp_path / "run").exists()
