@@ -353,6 +353,10 @@ class LoraConfig:
     # dense feed-forward's kernels) and all (q k v o mlp), or regexes searched in parameter
     # paths such as blocks/0/attn/w_q. A target that matches no kernel is an error.
     targets: tuple[str, ...] = ("q", "v")
+    # Dropout on each adapter's input (the paper's and PEFT's lora_dropout): > 0 runs the
+    # adapters as a branch beside their frozen kernels, x W0 + s * (drop(x) A) B, instead of
+    # merging W0 + s A B before the model call (docs/lora.md).
+    dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -702,6 +706,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "sample.top_p": (0, 1, False, True),
     "lora.rank": (0, None, True, False),
     "lora.alpha": (0, None, False, False),
+    "lora.dropout": (0, 1, True, False),
     "model.init_std": (0, None, True, False),
     "model.norm_eps": (0, None, False, False),
     "model.attention_scale": (0, None, True, False),

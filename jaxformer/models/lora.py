@@ -16,6 +16,9 @@ Adapters are a pytree beside the parameters, ``{"blocks": {0: {"attn": {"w_q": {
 weights. Which kernels are adaptable is decided by name and rank (``ADAPTABLE``): the attention
 projections of every attention module named ``*attn`` (self- and cross-attention) and the dense
 feed-forward kernels; MoE experts (an extra ``experts`` axis) are not.
+
+With ``lora.dropout > 0`` the adapters are not merged: ``attach_branches`` hangs each pair on
+the module of its kernel, which adds ``factor * (drop(x) A) B`` itself (``nn.lora_branch``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from flax import nnx
 from jaxformer import config as config_lib
 from jaxformer.config import Config, ConfigError, LoraConfig
 from jaxformer.models.build import abstract_model
+from jaxformer.nn.lora_branch import attach
 
 # kernel name -> (number of leading input axes, rank in the looped layout)
 ADAPTABLE = {"w_q": (1, 3), "w_k": (1, 3), "w_v": (1, 3), "w_out": (2, 3),
@@ -190,6 +194,52 @@ def merge(params: Any, adapters: Any, factor: float) -> Any:
     return jax.tree_util.tree_map_with_path(fold, params)
 
 
+def owner(model: nnx.Module, name: str) -> nnx.Module:
+    """The module of ``model`` that holds the kernel at path ``name`` ("blocks/0/attn/w_q")."""
+    node: Any = model
+    for part in name.split("/")[:-1]:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def attach_branches(model: nnx.Module, adapters: Any, factor: float, rate: float,
+                    key: jax.Array) -> None:
+    """Attaches every adapter pair of ``adapters`` to the module of its kernel as a LoRA branch
+    (``nn.lora_branch``): ``x W0 + factor * (drop(x) A) B`` with dropout at ``rate``. Each
+    kernel's dropout key is ``key`` folded with its path (one per layer in a scanned stack),
+    so the masks of different kernels and layers are independent."""
+    flat = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+    for name in sorted({n.rsplit("/", 1)[0] for n in flat}):
+        a, b = flat[name + "/a"], flat[name + "/b"]
+        k = jax.random.fold_in(key, _name_hash(name))
+        if a.ndim == 3:  # a scanned stack: one key per layer, sliced with the weights
+            k = jax.random.split(k, a.shape[0])
+        attach(owner(model, name), name.rsplit("/", 1)[1], a, b, k, factor, rate)
+
+
+def check_branches(cfg: Config) -> None:
+    """With ``lora.dropout > 0`` the adapters run as branches: each targeted kernel's module
+    must run them (``LORA_BRANCH``), and the stack must not recompute or chunk them in a way
+    that would repeat a mask (a one-line ConfigError otherwise)."""
+    rate = cfg.lora.dropout
+    if cfg.model.reversible:
+        raise ConfigError(f"lora.dropout={rate} runs the adapters as branches, which "
+                          "model.reversible's recomputed blocks do not take; set lora.dropout=0")
+    graphdef, abstract = abstract_model(cfg.model)
+    model = nnx.merge(graphdef, abstract)
+    for name in select_targets(nnx.to_pure_dict(abstract), cfg.lora.targets):
+        module = owner(model, name)
+        if not getattr(type(module), "LORA_BRANCH", False):
+            raise ConfigError(f"lora.dropout={rate} needs LoRA branches, which "
+                              f"{type(module).__name__} ({name}) does not run; set "
+                              "lora.dropout=0 or leave its kernels out of lora.targets")
+        if cfg.model.ff_chunks > 1 and name.rsplit("/", 1)[1] in ("wi", "wi_gate", "wi_up",
+                                                                   "wo"):
+            raise ConfigError(f"lora.dropout={rate} on the feed-forward ({name}) would repeat "
+                              f"one dropout mask over model.ff_chunks={cfg.model.ff_chunks} "
+                              "chunks; set model.ff_chunks=1 or lora.dropout=0")
+
+
 def count(tree: Any) -> int:
     """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
@@ -199,6 +249,9 @@ def check_targets(cfg: Config) -> None:
     """The config check of ``lora.targets``: with LoRA on, every target must find an adaptable
     kernel of the model (a one-line ConfigError names the first that does not)."""
     if cfg.lora.rank <= 0:
+        if cfg.lora.dropout > 0:
+            raise ConfigError(f"lora.dropout={cfg.lora.dropout} drops the adapters' inputs, and "
+                              "lora.rank=0 has no adapters; set lora.rank > 0 or lora.dropout=0")
         return
     if cfg.model.feature_redraw > 0:  # the redraw rewrites weights that LoRA keeps frozen
         raise ConfigError(f"lora.rank={cfg.lora.rank} keeps the base's weights fixed, and "
@@ -208,6 +261,8 @@ def check_targets(cfg: Config) -> None:
         raise ConfigError("bad value for lora.targets: () selects nothing; name at least one "
                           f"target ({', '.join(SHORTHANDS)} or a regex of parameter paths)")
     select_targets(nnx.to_pure_dict(abstract_model(cfg.model)[1]), cfg.lora.targets)
+    if cfg.lora.dropout > 0:
+        check_branches(cfg)
 
 
 config_lib.register_check(check_targets)

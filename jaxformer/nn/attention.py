@@ -34,6 +34,7 @@ from jaxformer.nn.attention_kernels import (
 )
 from jaxformer.nn.dropout import dropout
 from jaxformer.nn.linear_attention import LinearState, linear_attention_step
+from jaxformer.nn.lora_branch import branch_output
 from jaxformer.nn.params import constant_param, normal_param
 from jaxformer.nn.positional import apply_rope
 
@@ -165,6 +166,8 @@ class Attention(nnx.Module):
     probabilities, see the module docstring.
     """
 
+    LORA_BRANCH = True  # _project and _out add LoRA branches (nn.lora_branch)
+
     capture_attention: bool = False
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
@@ -216,8 +219,12 @@ class Attention(nnx.Module):
             y = y + jnp.concatenate([getattr(self, "b_" + n)[...].astype(dt).reshape(-1)
                                      for n in names])
         splits = jnp.split(y, [sum(widths[:i + 1]) for i in range(len(widths) - 1)], axis=1)
-        return [s.reshape(b, t, w.shape[1], w.shape[2]) for s, w in zip(splits, weights,
-                                                                        strict=True)]
+        out = []
+        for name, s, w in zip(names, splits, weights, strict=True):
+            extra = branch_output(self, "w_" + name, x.astype(dt).reshape(b * t, d))
+            out.append((s if extra is None else s + extra).reshape(b, t, w.shape[1],
+                                                                     w.shape[2]))
+        return out
 
     def context_kv(self, context: jnp.ndarray) -> LayerCache:
         """The keys and values cross-attention reads from ``context`` [B, S, D] (no rotary:
@@ -300,7 +307,11 @@ class Attention(nnx.Module):
         dt = self.dtype
         b, t, n, h = out.shape
         d = self.w_out.shape[-1]
-        y = out.reshape(b * t, n * h) @ self.w_out[...].astype(dt).reshape(n * h, d)
+        flat = out.reshape(b * t, n * h)
+        y = flat @ self.w_out[...].astype(dt).reshape(n * h, d)
+        extra = branch_output(self, "w_out", flat)
+        if extra is not None:
+            y = y + extra
         if self.b_out is not None:
             y = y + self.b_out[...].astype(dt)
         return y.reshape(b, t, d)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import GATED_ACTIVATIONS, default_d_ff
+from jaxformer.nn.lora_branch import branch_output
 from jaxformer.nn.params import constant_param, normal_param
 
 __all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "FeedForward", "activation_fn", "apply_in_chunks",
@@ -62,6 +63,8 @@ class FeedForward(nnx.Module):
     projection into the residual stream usually starts smaller); biases start at 0.
     """
 
+    LORA_BRANCH = True  # _linear adds LoRA branches (nn.lora_branch)
+
     def __init__(self, d_model: int, d_ff: int, *, activation: str, use_bias: bool,
                  init_std: float, out_std: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
                  rngs: nnx.Rngs):
@@ -84,9 +87,13 @@ class FeedForward(nnx.Module):
         self.wo = normal_param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std, param_dtype)
         self.bo = b(d_model, "embed")
 
-    def _linear(self, x: jnp.ndarray, w: nnx.Param, bias: nnx.Param | None) -> jnp.ndarray:
-        """x: [M, in] @ w: [in, out] (+ bias [out]) -> [M, out] in the compute dtype."""
-        y = x @ w[...].astype(self.dtype)
+    def _linear(self, x: jnp.ndarray, name: str) -> jnp.ndarray:
+        """x: [M, in] @ the kernel ``name`` [in, out] (+ its bias [out], + a LoRA branch)
+        -> [M, out] in the compute dtype."""
+        bias = getattr(self, "b" + name[1:])
+        y = x @ getattr(self, name)[...].astype(self.dtype)
+        extra = branch_output(self, name, x)
+        y = y if extra is None else y + extra
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(self, x: jnp.ndarray, chunks: int = 1) -> jnp.ndarray:
@@ -106,11 +113,10 @@ class FeedForward(nnx.Module):
         # contract over both B and T.
         x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
         if self.gated:
-            h = (act(self._linear(x2, self.wi_gate, self.bi_gate))
-                 * self._linear(x2, self.wi_up, self.bi_up))
+            h = act(self._linear(x2, "wi_gate")) * self._linear(x2, "wi_up")
         else:
-            h = act(self._linear(x2, self.wi, self.bi))
-        y = self._linear(h, self.wo, self.bo)
+            h = act(self._linear(x2, "wi"))
+        y = self._linear(h, "wo")
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -66,6 +66,17 @@ class Lora:
         fn = jax.jit(self.merge, out_shardings=self.params_sharding)
         return fn(adapters, self.base)
 
+    @property
+    def branches(self) -> bool:
+        """Whether the step runs the adapters as branches (``lora.dropout > 0``) instead of
+        merging them into the weights."""
+        return self.cfg.lora.dropout > 0.0
+
+    def attach(self, model: nnx.Module, adapters: Any, key: jax.Array) -> None:
+        """Attaches ``adapters`` to ``model`` (the base's) as branches, dropping their inputs
+        at ``lora.dropout`` with keys folded from ``key`` (traced in the step)."""
+        lora.attach_branches(model, adapters, self.factor, self.cfg.lora.dropout, key)
+
     def bind(self, step: Callable[..., Any]) -> _WithBase:
         """``step`` (or its AOT-compiled form) given the loaded base as ``lora_base``."""
         return _WithBase(step, self)

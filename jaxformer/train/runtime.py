@@ -165,7 +165,8 @@ def build_runtime(cfg: Config, devices: list[jax.Device] | None = None) -> Runti
     step_shardings = shardings if lora is None else lora.state_sharding
     train_step = make_train_step(
         graphdef, tx, schedule, cfg.train.grad_accum, step_shardings, b_sharding, rep,
-        forward=forward, dropout=uses_dropout(cfg.model), seed=cfg.train.seed,
+        forward=forward, dropout=uses_dropout(cfg.model) or cfg.lora.dropout > 0,
+        seed=cfg.train.seed,
         label_smoothing=cfg.objective.label_smoothing, z_loss=cfg.objective.z_loss,
         mesh=mesh, rules=rules, moe=moe_coefficients(cfg),
         mtp_weight=cfg.objective.mtp_weight, redraw=feature_redraw(cfg), teacher=teacher,

@@ -33,10 +33,14 @@ LogitsFn = Callable[[Any, Batch, jax.Array | None], jax.Array]
 
 def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: float = 0.0,
                    z_loss: float = 0.0, moe: tuple[float, float] | None = None,
-                   mtp_weight: float = 0.0, teacher: Teacher | None = None
-                   ) -> Callable[..., Metrics]:
-    """``loss_sums(params, batch, dropout_rng, teacher_params)`` -> weighted sums (see
-    cross_entropy_sums) of the logits ``forward`` (the objective's model call) returns.
+                   mtp_weight: float = 0.0, teacher: Teacher | None = None,
+                   lora: Any = None) -> Callable[..., Metrics]:
+    """``loss_sums(params, batch, dropout_rng, teacher_params, adapters)`` -> weighted sums
+    (see cross_entropy_sums) of the logits ``forward`` (the objective's model call) returns.
+
+    With LoRA ``adapters`` (``lora.dropout > 0``: ``lora`` is the run's ``train.lora.Lora``)
+    ``params`` are the frozen base's and the adapters run as branches beside their kernels,
+    their inputs dropped with a key folded from ``dropout_rng`` (``Lora.attach``).
 
     With a ``teacher`` (knowledge distillation) the label loss becomes ``alpha * CE +
     (1 - alpha) * T^2 * KL(teacher_T || student_T)`` (``objectives.distillation``) with the
@@ -51,8 +55,10 @@ def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: f
     recorded: ``objectives.loss.mtp_loss_sums``), which comes back as ``mtp_*`` too.
     """
     def loss_sums(params: Any, batch: Batch, dropout_rng: jax.Array | None = None,
-                  teacher_params: Any = None) -> Metrics:
+                  teacher_params: Any = None, adapters: Any = None) -> Metrics:
         model = nnx.merge(graphdef, params)
+        if adapters is not None:
+            lora.attach(model, adapters, jax.random.fold_in(dropout_rng, LORA_DROPOUT_STREAM))
         capture = nnx.capture(lambda m: forward(m, batch, dropout_rng), nnx.Intermediate)
         logits, intermediates = capture(model)
         sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"],
@@ -75,6 +81,9 @@ def make_loss_sums(graphdef: nnx.GraphDef, forward: LogitsFn, label_smoothing: f
         return sums
 
     return loss_sums
+
+
+LORA_DROPOUT_STREAM = 0x4C6F5241  # "LoRA": the adapters' dropout keys, apart from the model's
 
 
 def uses_dropout(model_cfg: Any) -> bool:
@@ -113,23 +122,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     ``params_sharding``) the state's params are LoRA adapters and the frozen weights come as
     the fourth argument ``lora_base`` (not donated; the third is None without a teacher): the
     model runs on the merged weights, whose gradient is pulled back to the adapters (XLA drops
-    the gradients of weights no adapter reads)."""
+    the gradients of weights no adapter reads). With ``lora.dropout > 0`` (``lora.branches``)
+    the model runs on the base's weights with the adapters as branches beside their kernels
+    (``dropout`` must then be on, for the key), and the gradient is the adapters' directly."""
     loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight,
-                               teacher)
+                               teacher, lora)
 
-    def sum_grads(params: Any, batch: Batch, rng: jax.Array | None,
-                  teacher_params: Any) -> tuple[Any, Metrics]:
+    def sum_grads(loss_fn: Callable[..., Metrics], params: Any, batch: Batch,
+                  rng: jax.Array | None, teacher_params: Any) -> tuple[Any, Metrics]:
         def objective(p):
-            sums = loss_sums(p, batch, rng, teacher_params)
+            sums = loss_fn(p, batch, rng, teacher_params)
             return sums["loss_sum"], sums
 
         grads, sums = jax.grad(objective, has_aux=True)(params)
         return grads, sums
 
-    def accumulate(params: Any, batch: Batch, rng: jax.Array | None,
-                   teacher_params: Any) -> tuple[Any, Metrics]:
+    def accumulate(loss_fn: Callable[..., Metrics], params: Any, batch: Batch,
+                   rng: jax.Array | None, teacher_params: Any) -> tuple[Any, Metrics]:
+        """The gradient sums of ``loss_fn(params, batch, rng, teacher_params)`` over the
+        micro-batches, and its sums."""
         if grad_accum == 1:
-            return sum_grads(params, batch, rng, teacher_params)
+            return sum_grads(loss_fn, params, batch, rng, teacher_params)
 
         # [B, T] -> [A, B/A, T]: micro-batch i takes rows i, i+A, ...; rows stay on the
         # device that holds them, since each device's contiguous block splits evenly.
@@ -139,13 +152,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         micro = jax.tree.map(split, batch)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                 jax.eval_shape(loss_sums, params, jax.tree.map(
-                                     lambda x: x[0], micro), None, teacher_params))
+                                 jax.eval_shape(loss_fn, params, jax.tree.map(
+                                     lambda x: x[0], micro), rng, teacher_params))
 
         def body(carry, xs):
             mb, i = xs
             mb_rng = None if rng is None else jax.random.fold_in(rng, i)
-            grads, sums = sum_grads(params, mb, mb_rng, teacher_params)
+            grads, sums = sum_grads(loss_fn, params, mb, mb_rng, teacher_params)
             acc_g, acc_s = carry
             return (jax.tree.map(jnp.add, acc_g, grads),
                     jax.tree.map(jnp.add, acc_s, sums)), None
@@ -159,10 +172,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         rng = dropout_key(seed, state.step) if dropout else None
         with _constraints(mesh, rules):
             if lora is None:
-                grads, sums = accumulate(state.params, batch, rng, teacher_params)
+                grads, sums = accumulate(loss_sums, state.params, batch, rng, teacher_params)
+            elif lora.branches:
+                def with_branches(adapters, b, r, t):
+                    return loss_sums(lora_base, b, r, t, adapters)
+
+                grads, sums = accumulate(with_branches, state.params, batch, rng,
+                                         teacher_params)
             else:
                 weights, pull_back = jax.vjp(lambda a: lora.merge(a, lora_base), state.params)
-                grads, sums = accumulate(weights, batch, rng, teacher_params)
+                grads, sums = accumulate(loss_sums, weights, batch, rng, teacher_params)
                 (grads,) = pull_back(grads)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         # Back to each parameter's dtype: n is float32, and float32 gradients of bfloat16

@@ -319,3 +319,20 @@ def test_a_base_lacking_parameters_of_the_model_is_refused(base, tmp_path):
                                         r"mtp.*\); LoRA trains only adapters"):
         train(cfg, tmp_path / "run", echo=quiet, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_dropout_run_learns_and_resumes_bitwise(base, lora_run, tmp_path):
+    """``lora.dropout=0.2`` (adapters as branches, their inputs dropped): the first step's loss
+    is the merged run's (B = 0: no branch output to drop), later ones differ, the validation
+    loss (no dropout) still falls below the base's, and a resume repeats the run bitwise."""
+    tmp, corpus, base_result = base
+    _, plain, _, _ = lora_run
+    cfg = lora_config(tmp, corpus, "lora.dropout=0.2")
+    whole = train(cfg, tmp_path / "whole", echo=quiet, progress=False)
+    np.testing.assert_allclose(whole.losses[1], plain.losses[1], rtol=1e-6)
+    assert all(whole.losses[s] != plain.losses[s] for s in range(3, 25))
+    assert whole.evals[24] < base_result.evals[40] - 0.05, (whole.evals, base_result.evals)
+    train(cfg, tmp_path / "split", echo=quiet, progress=False, stop_at=20)
+    resumed = train(cfg, tmp_path / "split", echo=quiet, progress=False)
+    assert resumed.start_step == 20
+    assert [whole.losses[s] for s in range(21, 25)] == [resumed.losses[s] for s in range(21, 25)]
