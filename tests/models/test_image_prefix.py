@@ -86,7 +86,10 @@ def test_the_image_prefix_attends_both_ways():
     causal = np.asarray(dec(ids, positions, segments, vectors=vectors))
     n = image_patches(model.cfg)
     assert n == 4 and int(prefix.sum(axis=1)[0]) == n
-    np.testing.assert_allclose(bidirectional[:, n:], forward(model, pixels, tokens), atol=1e-6)
+    # Two float32 paths through the same math (the decoder called eagerly here, the model's
+    # forward jitted): their roundings differ by ~1e-6 on logits of ~1.5 (seen 1.9e-6).
+    np.testing.assert_allclose(bidirectional[:, n:], forward(model, pixels, tokens), rtol=1e-5,
+                               atol=1e-5)
     assert np.abs(bidirectional[:, 0] - causal[:, 0]).max() > 1e-4
     # The same through a hand-built mask: query t sees key s when s <= t or both are patches.
     total = positions.shape[1]
