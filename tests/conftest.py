@@ -38,3 +38,29 @@ def _isolated_cache(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# The files that take longest on 2 cores (seconds summed from `--durations`, 2026-12-03), run
+# first. pytest-xdist's --dist loadfile hands each worker whole files from a queue, by default
+# ordered by test count (pyproject.toml turns that off with --no-loadscope-reorder), which put
+# one-test files of a minute or more last, with the other worker idle; longest first, the
+# workers finish within about one small file of each other.
+LONGEST_FIRST = (
+    "tests/test_experiments.py",
+    "tests/objectives/test_transcription.py",
+    "tests/objectives/test_captioning.py",
+    "tests/objectives/test_recipes.py",
+    "tests/test_cli.py",
+    "tests/hf/test_convert_cli.py",
+    "tests/aot/test_compile.py",
+    "tests/parallel/test_modalities_sharding.py",
+    "tests/parallel/test_multiprocess.py",
+    "tests/parallel/test_presets.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # sorted() is stable: every other file keeps its collection order, after these.
+    items[:] = sorted(items, key=lambda item: rank.get(item.nodeid.split("::")[0],
+                                                       len(LONGEST_FIRST)))

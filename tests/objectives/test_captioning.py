@@ -16,6 +16,7 @@ from jaxformer.inference.captions import caption_family, heldout_captions
 from jaxformer.models.build import looped
 from jaxformer.runs.restore import load_run
 from jaxformer.train.loop import train
+from tests.optimized import train_optimized
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "caption_digits.py"
 
@@ -90,9 +91,9 @@ STEPS = 400
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("caption") / "run"
-    result = train(_cfg(f"train.steps={STEPS}", "train.schedule=constant",
-                        f"eval.every={STEPS}", "eval.batches=1", f"checkpoint.every={STEPS}"),
-                   run_dir, progress=False, echo=lambda s: None)
+    result = train_optimized(_cfg(f"train.steps={STEPS}", "train.schedule=constant",
+                                  f"eval.every={STEPS}", "eval.batches=1",
+                                  f"checkpoint.every={STEPS}"), run_dir)
     return run_dir, result
 
 

@@ -19,6 +19,7 @@ from jaxformer.errors import UserError
 from jaxformer.inference.sample_command import SampleOptions, sample
 from jaxformer.inference.speech import read_wav, write_wav
 from jaxformer.train.loop import train
+from tests.optimized import train_optimized
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "speech_tiny.py"
 
@@ -53,8 +54,7 @@ LEARN = (f"train.steps={STEPS}", "train.schedule=constant", "train.warmup_steps=
 def short_run(tmp_path_factory):
     """The experiment trained for STEPS steps: -> (run dir, its train result)."""
     run_dir = tmp_path_factory.mktemp("speech") / "run"
-    result = train(_cfg(*LEARN), run_dir, progress=False, echo=lambda s: None)
-    return run_dir, result
+    return run_dir, train_optimized(_cfg(*LEARN), run_dir)
 
 
 def test_it_learns_to_transcribe_held_out_clips(short_run):
