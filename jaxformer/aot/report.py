@@ -42,7 +42,6 @@ from jaxformer.data import images
 from jaxformer.errors import UserError
 from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.parallel.target import compiling_for
-from jaxformer.train.flops import count_params, flops_per_token
 from jaxformer.train.runtime import Runtime, build_runtime, per_device_bytes
 
 DOES_NOT_FIT = 4  # exit status of `jaxformer compile` when the step does not fit the chip
@@ -150,7 +149,7 @@ def _base_report(cfg: Config, topology: str, slices: int, chip: Chip, rt: Runtim
             "mesh_preset": cfg.mesh.preset, "remat": cfg.model.remat,
             "scan_layers": cfg.model.scan_layers, "compute_dtype": cfg.model.compute_dtype,
             "attention": resolve_implementation(cfg.model.attention, "tpu"),
-            "params": count_params(state.params), "batch_size": cfg.train.batch_size,
+            "params": rt.n_params(state), "batch_size": cfg.train.batch_size,
             "seq_len": cfg.data.seq_len, "compile_s": round(compile_s, 1),
             "params_bytes": per_device_bytes(state.params),
             "opt_state_bytes": per_device_bytes(state.opt_state)}
@@ -171,7 +170,7 @@ def _memory(compiled: Any, chip: Chip) -> dict[str, Any]:
 def _costs(cfg: Config, rt: Runtime, chip: Chip, compiled: Any, global_hlo: str,
            n: int) -> dict[str, Any]:
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / n
+    model_flops = rt.flops_per_token()[0] * tokens / n
     hlo_flops, unknown = dot_flops(global_hlo)
     hlo_flops /= n
     kernel = resolve_implementation(cfg.model.attention, "tpu")

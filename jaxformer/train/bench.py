@@ -1,8 +1,8 @@
 """``jaxformer bench``: time train steps on synthetic tokens, after compilation.
 
 Prints progress, then one JSON line (the last line of output) with params, tokens_per_sec,
-step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6·L·T·N·H, see
-``jaxformer.train.flops``), mfu_percent, peak_flops and where that peak came from, device (its
+step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6·L·T·N·H, or a
+LoRA run's, see ``jaxformer.train.flops``), mfu_percent, peak_flops and where that peak came from, device (its
 kind: "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"), the mesh's axis sizes and the memory per
 device in bytes. ``jaxformer bench --measure-peak`` re-measures the cached CPU peak.
 """
@@ -24,8 +24,6 @@ from jaxformer.config import Config
 from jaxformer.data import images
 from jaxformer.train.flops import (
     PeakFlops,
-    count_params,
-    flops_per_token,
     implausible_mfu_note,
     mfu,
     peak_flops,
@@ -121,13 +119,13 @@ def bench(cfg: Config, steps: int, warmup: int = 2, echo: Callable[[str], None] 
             times.append(elapsed)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.train.batch_size * cfg.data.seq_len / step_time
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    fpt = rt.flops_per_token()[0]
     mfu_percent = 100 * mfu(fpt, tokens_per_sec, mesh.size, peak.flops)
     note = implausible_mfu_note(mfu_percent, peak)
     if note:
         echo(note)
     return {
-        "params": count_params(state.params),
+        "params": rt.n_params(state),
         "tokens_per_sec": _round(tokens_per_sec),
         "step_time_s": _round(step_time),
         "step_time_min_s": _round(min(times)),

@@ -20,6 +20,12 @@ FLOPs per trained token (PaLM appendix B convention, causal attention halved):
   block of the last layer's kind and the V·D un-embedding to ``N_matmul``, and one layer's
   attention term (L counts n more layers), since training runs every depth on every token.
 
+* LoRA (``lora.rank > 0``): the frozen weights need no weight gradients, 2 of the 6 per entry
+  (``train.lora.Lora.flops_per_token``). With merged adapters the targeted kernels' weight
+  gradients still run (then pulled back to A and B): ``4·N_matmul + 2·N_targeted + 6·L·T·N·H``.
+  As branches (``lora.dropout > 0``) no weight gradient of the base runs, and each adapter
+  entry costs 6: ``4·N_matmul + 6·N_adapters + 6·L·T·N·H``. The run's model line prints which.
+
 MFU = flops_per_token · tokens/s / peak FLOP/s of the devices used (``mfu`` returns the
 fraction; logs and ``jaxformer bench`` print it as a percentage). The peak (``peak_flops``) is
 a stated one (``$JAXFORMER_PEAK_FLOPS``), a data-sheet value for known accelerators, or on CPU a

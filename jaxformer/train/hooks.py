@@ -18,7 +18,7 @@ from jaxformer import inference
 from jaxformer.errors import DivergedError
 from jaxformer.models.build import looped
 from jaxformer.runs.checkpoint import CheckpointSaveError
-from jaxformer.train.flops import flops_per_token, implausible_mfu_note, mfu
+from jaxformer.train.flops import implausible_mfu_note, mfu
 from jaxformer.train.reporting import format_metrics
 
 if TYPE_CHECKING:  # the loop imports this module; the type only names it
@@ -45,7 +45,7 @@ class MetricsLogger:
         self.warned_mfu = False
         self.pending: list[tuple[int, Metrics]] = []
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.fpt = run.rt.flops_per_token()[0]
         self.last_time, self.last_step = time.perf_counter(), run.start
 
     def after_step(self, run: Run, step: int, metrics: Metrics) -> None:

@@ -30,7 +30,7 @@ from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.runs.lock import RunLock
 from jaxformer.runs.specials import copy_tokenizer_files
-from jaxformer.train.flops import PeakFlops, count_params, flops_per_token, peak_flops
+from jaxformer.train.flops import PeakFlops, peak_flops
 from jaxformer.train.hooks import CheckpointSaver, Evaluator, Hook, MetricsLogger, host_params
 from jaxformer.train.init_from import load_params, state_from_params
 from jaxformer.train.reporting import Reporter
@@ -306,9 +306,9 @@ def _describe_model(cfg: Config, rt: Runtime, task: Task, state: Any, peak: Peak
     baseline_note = ("" if math.isnan(baseline) else
                      f" ({task.baseline_name} baseline {baseline:.3f})")
     mesh_note = ", ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    echo(f"model: {count_params(state.params):,} parameters, {fpt / 1e6:.1f} MFLOPs/token "
-         f"(6N + 6LTNH); mesh {mesh_note} ({cfg.mesh.preset}) over {jax.process_count()} "
+    fpt, formula = rt.flops_per_token()
+    echo(f"model: {rt.n_params(state):,} parameters, {fpt / 1e6:.1f} MFLOPs/token "
+         f"({formula}); mesh {mesh_note} ({cfg.mesh.preset}) over {jax.process_count()} "
          f"process(es) on {jax.devices()[0].platform}; objective "
          f"{cfg.objective.kind}{baseline_note.replace(')', f' {unit})')}")
     echo(f"MFU: {peak.describe()}")

@@ -36,6 +36,7 @@ from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.runs.lora import base_record, write_base_record
 from jaxformer.runs.restore import read_run_config
+from jaxformer.train.flops import flops_per_token, matmul_params
 from jaxformer.train.init_from import is_hf_dir, load_params
 from jaxformer.train.state import TrainState
 
@@ -133,6 +134,23 @@ class Lora:
 
     def write_record(self, run_dir: Path) -> None:
         write_base_record(run_dir, self.record["init_from"], self.record["step"])
+
+    def flops_per_token(self) -> tuple[float, str]:
+        """Training FLOPs per token of a LoRA step and its formula. Of full training's
+        ``6N + 6LTNH`` (``train.flops``; N the matmul weights) the frozen weights keep the
+        forward (2N) and the backward to the activations (2N) but need no weight gradients:
+        merged, only the targeted kernels' weight gradients are computed (2 N_t; their pullback
+        to A and B is per step, not per token), so ``4N + 2N_t + 6LTNH``; as branches the base
+        gets none and the adapters' matmuls cost 6 per entry (N_a), so ``4N + 6N_a + 6LTNH``."""
+        cfg = self.cfg
+        full = flops_per_token(cfg.model, cfg.data.seq_len)
+        n = matmul_params(cfg.model)
+        if self.branches:
+            return full - 2.0 * n + 6.0 * lora.count(self.adapters_shape), "4N + 6N_a + 6LTNH"
+        targeted = sum(math.prod(shape) for name, (shape, _) in
+                       lora.adaptable_kernels(self.params_shape).items()
+                       if name in set(lora.select_targets(self.params_shape, cfg.lora.targets)))
+        return full - 2.0 * (n - targeted), "4N + 2N_t + 6LTNH"
 
     def describe(self) -> str:
         """Trainable parameters and the bytes of parameters and optimizer state, with LoRA and

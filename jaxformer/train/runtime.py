@@ -27,6 +27,7 @@ from jaxformer.objectives import get_objective
 from jaxformer.parallel.mesh import check_batch_layout, make_mesh
 from jaxformer.parallel.sharding import Rules, batch_sharding, replicated, rules_for
 from jaxformer.parallel.target import target_platform
+from jaxformer.train.flops import count_params, flops_per_token
 from jaxformer.train.lora import Lora, lora_for
 from jaxformer.train.optimizer import frozen_params, learning_rate_schedule, make_optimizer
 from jaxformer.train.state import (
@@ -78,6 +79,18 @@ class Runtime:
         """The model's weights of a state's ``params``: themselves, or with LoRA the base
         with the adapters ``params`` merged in (what evaluation and sampling run)."""
         return params if self.lora is None else self.lora.merged(params)
+
+    def flops_per_token(self) -> tuple[float, str]:
+        """Training FLOPs per token and the formula they follow (``train.flops``): ``6N +
+        6LTNH``, or a LoRA run's (``Lora.flops_per_token``: no weight gradients of the frozen
+        weights)."""
+        if self.lora is not None:
+            return self.lora.flops_per_token()
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len), "6N + 6LTNH"
+
+    def n_params(self, state: TrainState) -> int:
+        """The model's parameters (with LoRA the base's, not the adapters the state holds)."""
+        return count_params(state.params if self.lora is None else self.lora.params_shape)
 
     # --- data ----------------------------------------------------------------------------
 

@@ -187,6 +187,33 @@ def test_only_adapters_are_trained_and_hold_optimizer_state():
         rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_flops_per_token_leave_out_the_frozen_weights_gradients(dropout):
+    """Full training costs 6 per matmul weight entry and token (forward 2, backward 4); LoRA's
+    frozen weights need no weight gradient (2 of the 6): merged, only the targeted kernels'
+    weight gradients run; as branches (dropout), none of the base's, plus 6 per adapter entry.
+    The model line counts the model's parameters, not the adapters the state holds."""
+    cfg = tiny_config("lora.rank=2", 'lora.targets=["all"]', f"lora.dropout={dropout}")
+    rt = build_runtime(cfg, jax.devices()[:1])
+    layers, d, f, v, t = 2, 32, 4 * 32, 64, 16
+    targeted = layers * (4 * d * d + 2 * d * f)  # q, k, v, o and the MLP's wi, wo
+    n = targeted + v * d  # + the un-embedding
+    attention = 6 * layers * t * d
+    adapters = layers * (4 * 2 * (d + d) + 2 * (d + f) + 2 * (f + d))
+    fpt, formula = rt.flops_per_token()
+    if dropout:
+        assert formula == "4N + 6N_a + 6LTNH"
+        assert fpt == 4 * n + 6 * adapters + attention
+    else:
+        assert formula == "4N + 2N_t + 6LTNH"
+        assert fpt == 4 * n + 2 * targeted + attention
+    full = build_runtime(tiny_config(), jax.devices()[:1])
+    assert full.flops_per_token() == (6 * n + attention, "6N + 6LTNH")
+    state = rt.abstract_state()
+    assert rt.n_params(state) == full.n_params(full.abstract_state()) > 10 * lora.count(
+        state.params)
+
+
 # --- whole runs ----------------------------------------------------------------------------------
 
 def quiet(_line: str) -> None:
@@ -228,6 +255,10 @@ def test_a_lora_run_learns_and_checkpoints_only_its_adapters(base, lora_run):
     assert result.evals[24] < base_result.evals[40] - 0.05, (result.evals, base_result.evals)
     info = next(line for line in lines if line.startswith("lora: rank"))
     assert "trainable parameters" in info and "full fine-tuning" in info
+    n_model = sum(x.size for x in jax.tree.leaves(init_params(cfg.model, 0)))
+    model_line = next(line for line in lines if line.startswith("model: "))
+    assert model_line.startswith(f"model: {n_model:,} parameters, ") and "(4N + 2N_t + 6LTNH)" \
+        in model_line, model_line
     ckpt = Checkpointer(run / rundir.CHECKPOINT_DIR, 3, create=False)
     meta = ckpt.read_meta(24)
     ckpt.close()
