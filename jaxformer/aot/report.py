@@ -91,7 +91,9 @@ def compile_report(cfg: Config, topology: str, slices: int = 1, *, eval_step: bo
              f"{_mesh_text(rt)}, remat {cfg.model.remat}, scan_layers "
              f"{cfg.model.scan_layers})...")
         start = time.perf_counter()
-        lowered = rt.train_step.lower(state, batch)
+        # A teacher's weights (distillation) are the step's third argument, as shapes here.
+        teacher = () if rt.teacher is None else (rt.teacher.abstract_params(),)
+        lowered = rt.train_step.lower(state, batch, *teacher)
         global_hlo = lowered.as_text(dialect="hlo")
         compiled, oom = _compile(lowered)
         compile_s = time.perf_counter() - start
@@ -102,7 +104,9 @@ def compile_report(cfg: Config, topology: str, slices: int = 1, *, eval_step: bo
                 (dump / "train_step.compiled.hlo").write_text(compiled.as_text())
         eval_oom = None
         if eval_step and compiled is not None:
-            _, eval_oom = _compile(rt.eval_step.lower(state.params, batch))
+            # LoRA: evaluation runs on the merged weights, the model's shapes, not the adapters.
+            weights = state.params if rt.lora is None else rt.lora.abstract_base()
+            _, eval_oom = _compile(rt.eval_step.lower(weights, batch))
     report = _base_report(cfg, topology, slices, chip, rt, state, compile_s)
     if compiled is None:
         needed, available = _oom_sizes(oom)
@@ -188,7 +192,8 @@ def _costs(cfg: Config, rt: Runtime, chip: Chip, compiled: Any, global_hlo: str,
     step_s = max(terms.values())
     serial_s = max(compute_s, memory_s) + comm_s
     xla = _xla_costs(compiled, text)
-    return {"model_flops_per_chip": model_flops, "hlo_flops_per_chip": hlo_flops,
+    return {"model_flops_per_chip": model_flops, "flops_formula": rt.flops_per_token()[1],
+            "hlo_flops_per_chip": hlo_flops,
             "loops_without_trip_count": unknown, "hbm_traffic_bytes": hbm,
             "collective_bytes": comms, "compute_s": compute_s, "memory_s": memory_s,
             "collectives_s": comm_s, "step_s": step_s, "serial_step_s": serial_s,
@@ -240,7 +245,7 @@ def format_report(r: dict[str, Any]) -> str:
                          if v)
         lines += [
             f"FLOPs per chip per step: {r['hlo_flops_per_chip']:.4g} in the program, "
-            f"{r['model_flops_per_chip']:.4g} by the 6N + 6LTNH formula "
+            f"{r['model_flops_per_chip']:.4g} by the {r['flops_formula']} formula "
             f"(XLA's cost analysis: {r['xla_flops']:.4g}"
             + (", loop bodies counted once)" if r["xla_counts_loops_once"] else ")"),
             f"HBM traffic per chip: {_gib(r['hbm_traffic_bytes'])}; collectives per chip: "

@@ -2,9 +2,10 @@
 
 Prints progress, then one JSON line (the last line of output) with params, tokens_per_sec,
 step_time_s (median over the timed steps), compile_s, flops_per_token (6N + 6·L·T·N·H, or a
-LoRA run's, see ``jaxformer.train.flops``), mfu_percent, peak_flops and where that peak came from, device (its
-kind: "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"), the mesh's axis sizes and the memory per
-device in bytes. ``jaxformer bench --measure-peak`` re-measures the cached CPU peak.
+LoRA run's, see ``jaxformer.train.flops``), mfu_percent, peak_flops and where that peak
+came from, device (its kind: "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"), the mesh's axis
+sizes and the memory per device in bytes. ``jaxformer bench --measure-peak`` re-measures the
+cached CPU peak.
 """
 
 from __future__ import annotations

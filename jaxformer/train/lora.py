@@ -78,6 +78,12 @@ class Lora:
         at ``lora.dropout`` with keys folded from ``key`` (traced in the step)."""
         lora.attach_branches(model, adapters, self.factor, self.cfg.lora.dropout, key)
 
+    def abstract_base(self) -> Any:
+        """The model's weights as ShapeDtypeStructs with their shardings (the base, or merged
+        weights, for lowering a step without loading them: ``jaxformer compile``)."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.params_shape, self.params_sharding)
+
     def bind(self, step: Callable[..., Any]) -> _WithBase:
         """``step`` (or its AOT-compiled form) given the loaded base as ``lora_base``."""
         return _WithBase(step, self)
@@ -207,7 +213,12 @@ class _WithBase:
         return self.fn(*self._args(args))
 
     def lower(self, *args: Any) -> _WithBase:
-        return _WithBase(self.fn.lower(*self._args(args)), self.owner)
+        """Lowers for the arguments' shapes: an unloaded base goes in as its abstract shapes
+        (``jaxformer compile`` has no devices to hold weights on)."""
+        state, batch, *teacher = args
+        base = self.owner.abstract_base() if self.owner.base is None else self.owner.base
+        return _WithBase(self.fn.lower(state, batch, teacher[0] if teacher else None, base),
+                         self.owner)
 
     def compile(self) -> _WithBase:
         return _WithBase(self.fn.compile(), self.owner)

@@ -61,6 +61,13 @@ class Teacher:
         model = nnx.merge(self.graphdef, params)
         return jax.lax.stop_gradient(self.forward(model, batch, None))
 
+    def abstract_params(self) -> dict[str, Any]:
+        """The teacher's weights as ShapeDtypeStructs with their shardings (for lowering the
+        step without loading them: ``jaxformer compile``)."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nnx.to_pure_dict(abstract_model(self.cfg.model)[1]),
+                            self.params_sharding)
+
     def load_params(self, echo: Callable[[str], None] = print) -> dict[str, Any]:
         """The weights of the teacher's newest readable checkpoint, placed on the mesh."""
         _, params = load_run(self.run_dir, warn=echo)

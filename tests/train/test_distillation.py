@@ -7,12 +7,14 @@ the uninterrupted run bit for bit)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxformer import cli
 from jaxformer import config as config_lib
 from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
@@ -246,3 +248,18 @@ def test_classifier_teacher_and_objective_mismatch_are_refused(teacher_run, tmp_
     with pytest.raises(UserError, match="train.teacher: .*nowhere"):
         build_runtime(missing, jax.devices()[:1])
     assert (tmp / "teacher" / rundir.CONFIG_FILE).is_file()
+
+
+def test_a_distillation_step_compiles_for_a_tpu_slice(teacher_run, capsys):
+    """`jaxformer compile` lowers the step with the teacher's weights as shapes (no weights
+    are loaded onto the compile-only devices)."""
+    tmp, corpus = teacher_run
+    overrides = [f"data.source={corpus}", f"train.teacher={tmp / 'teacher'}",
+                 "model.vocab_size=300", "model.n_layers=1", "model.d_model=32",
+                 "model.n_heads=2", "model.max_len=32", "data.seq_len=32", "train.batch_size=8"]
+    status = cli.main(["compile", "experiments/gpt_tiny.py", "--topology", "v5e:2x2",
+                       *[a for o in overrides for a in ("--set", o)]])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-2000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["fits"] and report["chips"] == 4
