@@ -93,6 +93,13 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict
     return nnx.to_pure_dict(specs)
 
 
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """The leaves of ``shapes`` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs placed by
+    the matching leaves of ``shardings``: what lowering or restoring needs without arrays."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of [B, T] batch arrays: rows over the batch axes, and with sequence
     parallelism positions over ``sequence``."""

@@ -31,7 +31,7 @@ from jaxformer.config import Config
 from jaxformer.errors import UserError
 from jaxformer.models import lora
 from jaxformer.models.build import abstract_model, init_params
-from jaxformer.parallel.sharding import Rules, param_shardings, replicated
+from jaxformer.parallel.sharding import Rules, param_shardings, replicated, with_shardings
 from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
 from jaxformer.runs.lora import base_record, write_base_record
@@ -81,8 +81,7 @@ class Lora:
     def abstract_base(self) -> Any:
         """The model's weights as ShapeDtypeStructs with their shardings (the base, or merged
         weights, for lowering a step without loading them: ``jaxformer compile``)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            self.params_shape, self.params_sharding)
+        return with_shardings(self.params_shape, self.params_sharding)
 
     def bind(self, step: Callable[..., Any]) -> _WithBase:
         """``step`` (or its AOT-compiled form) given the loaded base as ``lora_base``."""
@@ -101,8 +100,7 @@ class Lora:
 
     def abstract_state(self) -> TrainState:
         """The adapter train state's ShapeDtypeStructs with shardings (the restore target)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(self._init), self.state_sharding)
+        return with_shardings(jax.eval_shape(self._init), self.state_sharding)
 
     # --- the base ----------------------------------------------------------------------------
 

@@ -13,7 +13,13 @@ from jax.sharding import Mesh
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.build import abstract_model, init_params
-from jaxformer.parallel.sharding import PRESET_RULES, Rules, param_shardings, replicated
+from jaxformer.parallel.sharding import (
+    PRESET_RULES,
+    Rules,
+    param_shardings,
+    replicated,
+    with_shardings,
+)
 
 
 @flax.struct.dataclass
@@ -64,5 +70,4 @@ def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation,
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     shapes = jax.eval_shape(init)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+    return with_shardings(shapes, shardings)

@@ -31,7 +31,7 @@ from jaxformer.errors import UserError
 from jaxformer.models.build import abstract_model
 from jaxformer.nn.attention_kernels import resolve_implementation
 from jaxformer.objectives import get_objective
-from jaxformer.parallel.sharding import Rules, param_shardings
+from jaxformer.parallel.sharding import Rules, param_shardings, with_shardings
 from jaxformer.parallel.target import target_platform
 from jaxformer.runs import rundir
 from jaxformer.runs.checkpoint import Checkpointer
@@ -64,9 +64,8 @@ class Teacher:
     def abstract_params(self) -> dict[str, Any]:
         """The teacher's weights as ShapeDtypeStructs with their shardings (for lowering the
         step without loading them: ``jaxformer compile``)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nnx.to_pure_dict(abstract_model(self.cfg.model)[1]),
-                            self.params_sharding)
+        return with_shardings(nnx.to_pure_dict(abstract_model(self.cfg.model)[1]),
+                              self.params_sharding)
 
     def load_params(self, echo: Callable[[str], None] = print) -> dict[str, Any]:
         """The weights of the teacher's newest readable checkpoint, placed on the mesh."""
