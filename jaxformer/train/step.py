@@ -121,8 +121,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     With ``lora`` (a ``jaxformer.train.lora.Lora``: ``merge(adapters, base)``,
     ``params_sharding``) the state's params are LoRA adapters and the frozen weights come as
     the fourth argument ``lora_base`` (not donated; the third is None without a teacher): the
-    model runs on the merged weights, whose gradient is pulled back to the adapters (XLA drops
-    the gradients of weights no adapter reads). With ``lora.dropout > 0`` (``lora.branches``)
+    model runs on the merged weights and the gradient is taken of the adapters through the
+    merge, per micro-batch (XLA drops the gradients of weights no adapter reads). With
+    ``lora.dropout > 0`` (``lora.branches``)
     the model runs on the base's weights with the adapters as branches beside their kernels
     (``dropout`` must then be on, for the key), and the gradient is the adapters' directly."""
     loss_sums = make_loss_sums(graphdef, forward, label_smoothing, z_loss, moe, mtp_weight,
@@ -173,16 +174,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         with _constraints(mesh, rules):
             if lora is None:
                 grads, sums = accumulate(loss_sums, state.params, batch, rng, teacher_params)
-            elif lora.branches:
-                def with_branches(adapters, b, r, t):
-                    return loss_sums(lora_base, b, r, t, adapters)
-
-                grads, sums = accumulate(with_branches, state.params, batch, rng,
-                                         teacher_params)
             else:
-                weights, pull_back = jax.vjp(lambda a: lora.merge(a, lora_base), state.params)
-                grads, sums = accumulate(loss_sums, weights, batch, rng, teacher_params)
-                (grads,) = pull_back(grads)
+                # The gradient is the adapters' in every micro-batch (with grad_accum > 1 only
+                # adapter-sized sums accumulate): through the merge, or the branches.
+                def adapted(adapters, b, r, t):
+                    if lora.branches:
+                        return loss_sums(lora_base, b, r, t, adapters)
+                    return loss_sums(lora.merge(adapters, lora_base), b, r, t)
+
+                grads, sums = accumulate(adapted, state.params, batch, rng, teacher_params)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         # Back to each parameter's dtype: n is float32, and float32 gradients of bfloat16
         # parameters would turn the optimizer moments float32 after the first step, so the
