@@ -233,8 +233,7 @@ def check_branches(cfg: Config) -> None:
             raise ConfigError(f"lora.dropout={rate} needs LoRA branches, which "
                               f"{type(module).__name__} ({name}) does not run; set "
                               "lora.dropout=0 or leave its kernels out of lora.targets")
-        if cfg.model.ff_chunks > 1 and name.rsplit("/", 1)[1] in ("wi", "wi_gate", "wi_up",
-                                                                   "wo"):
+        if cfg.model.ff_chunks > 1 and _MODULE[name.rsplit("/", 1)[1]] == "mlp":
             raise ConfigError(f"lora.dropout={rate} on the feed-forward ({name}) would repeat "
                               f"one dropout mask over model.ff_chunks={cfg.model.ff_chunks} "
                               "chunks; set model.ff_chunks=1 or lora.dropout=0")

@@ -214,14 +214,15 @@ class Attention(nnx.Module):
         weights = [getattr(self, "w_" + n)[...].astype(dt) for n in names]
         widths = [w.shape[1] * w.shape[2] for w in weights]
         w = jnp.concatenate([w.reshape(d, -1) for w in weights], axis=1)
-        y = x.astype(dt).reshape(b * t, d) @ w
+        x2 = x.astype(dt).reshape(b * t, d)
+        y = x2 @ w
         if self.b_q is not None:
             y = y + jnp.concatenate([getattr(self, "b_" + n)[...].astype(dt).reshape(-1)
                                      for n in names])
         splits = jnp.split(y, [sum(widths[:i + 1]) for i in range(len(widths) - 1)], axis=1)
         out = []
         for name, s, w in zip(names, splits, weights, strict=True):
-            extra = branch_output(self, "w_" + name, x.astype(dt).reshape(b * t, d))
+            extra = branch_output(self, "w_" + name, x2)
             out.append((s if extra is None else s + extra).reshape(b, t, w.shape[1],
                                                                      w.shape[2]))
         return out

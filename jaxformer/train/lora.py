@@ -151,9 +151,9 @@ class Lora:
         n = matmul_params(cfg.model)
         if self.branches:
             return full - 2.0 * n + 6.0 * lora.count(self.adapters_shape), "4N + 6N_a + 6LTNH"
+        chosen = set(lora.select_targets(self.params_shape, cfg.lora.targets))
         targeted = sum(math.prod(shape) for name, (shape, _) in
-                       lora.adaptable_kernels(self.params_shape).items()
-                       if name in set(lora.select_targets(self.params_shape, cfg.lora.targets)))
+                       lora.adaptable_kernels(self.params_shape).items() if name in chosen)
         return full - 2.0 * (n - targeted), "4N + 2N_t + 6LTNH"
 
     def describe(self) -> str:
