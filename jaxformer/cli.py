@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -425,7 +426,16 @@ COMMANDS.update(SWEEP_COMMANDS)
 
 def run() -> None:
     """The ``jaxformer`` command (the console-script entry point)."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # a reader gone before the end shows here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader of stdout went away (`jaxformer runs DIR | head`): stop quietly, as Unix
+        # tools do, instead of a traceback; stdout goes to /dev/null so that the interpreter's
+        # final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

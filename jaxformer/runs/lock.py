@@ -64,6 +64,26 @@ class RunLock:
         self.fd = None
 
 
+def live_holder(run_dir: Path) -> dict | None:
+    """The process that ``run_dir``'s lock file names when it is alive on this host (so the
+    run is training now), else None: the file is absent or empty (released), names a process
+    that has exited (a kill left it), or names another host, whose processes this cannot see.
+    Reads the file only: it takes no lock, so it never stands in a starting trainer's way."""
+    try:
+        holder = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(holder["pid"]), 0)  # signal 0: only whether the process exists
+    except PermissionError:  # alive, owned by another user
+        return holder
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return holder
+
+
 def _read(fd: int) -> dict | None:
     try:
         data = os.pread(fd, 4096, 0)

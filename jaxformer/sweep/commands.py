@@ -35,6 +35,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxformer.runs.lock import live_holder
     from jaxformer.sweep import runner
     from jaxformer.sweep.space import load_sweep
     from jaxformer.sweep.table import runs_table
@@ -50,6 +51,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in sweep.points:
             done = runner.checkpoint_step(sweep_dir / point.name)
             state = ("finished" if done >= point.cfg.train.steps else
+                     "running" if live_holder(sweep_dir / point.name) is not None else
                      f"at step {done}/{point.cfg.train.steps}" if done else "not started")
             # Every --set the point's `jaxformer train` gets: the command line's, then its own.
             sets = [*sweep.base_overrides, *point.args]

@@ -19,6 +19,7 @@ from jaxformer import config as config_lib
 from jaxformer.analysis.events import read_scalars
 from jaxformer.errors import UserError
 from jaxformer.runs import rundir
+from jaxformer.runs.lock import live_holder
 from jaxformer.sweep.runner import EXIT_MARK, LOG_FILE, SWEEP_FILE, checkpoint_step, last_attempt
 
 CSV_FILE = "runs.csv"
@@ -31,7 +32,7 @@ COLUMNS = ("run", "overrides", "status", "steps", "best_eval_loss", "final_eval_
 class RunRow:
     run: str  # the run dir, relative to the listed directory
     overrides: str  # "train.lr=0.001 train.seed=1"
-    status: str  # finished | partial k/N | failed | not started
+    status: str  # finished | running | partial k/N | failed | not started
     steps: int  # the latest checkpointed step
     best_eval_loss: float = math.nan
     final_eval_loss: float = math.nan
@@ -86,6 +87,8 @@ def run_row(run_dir: Path, name: str, overrides: str) -> RunRow:
     done = checkpoint_step(run_dir)
     if total and done >= total:
         status = "finished"
+    elif live_holder(run_dir) is not None:
+        status = "running"
     elif failed(run_dir):
         status = "failed"
     elif done:

@@ -227,3 +227,47 @@ def test_parallel_points_split_gpus_round_robin_or_cpu_threads():
     assert shared["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
     alone = slot_env(0, 1, gpus, 8, base={"A": "b"})
     assert "CUDA_VISIBLE_DEVICES" not in alone and alone["A"] == "b"
+
+
+def test_a_run_whose_lock_names_a_live_process_is_running(tmp_path, capsys):
+    """`runs` and `sweep --dry-run` say "running" while a trainer holds the run dir's lock
+    (before its first checkpoint it looked "not started"); a lock file a killed process left
+    behind, or none, does not count."""
+    import json
+    import socket
+
+    from jaxformer.runs.lock import LOCK_FILE, RunLock
+
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    sweep_dir = tmp_path / "sweep"
+    base = config_lib.apply_overrides(Config(), ["train.steps=4"])
+    for name, lr in (("lr=0.001", 0.001), ("lr=0.003", 0.003), ("lr=0.01", 0.01)):
+        fake_run(sweep_dir / name, config_lib.apply_overrides(base, [f"train.lr={lr}"]))
+    lock = RunLock.acquire(sweep_dir / "lr=0.001")  # as a trainer does, in this live process
+    gone = subprocess.Popen(["true"])  # a pid that has exited
+    gone.wait()
+    (sweep_dir / "lr=0.003" / LOCK_FILE).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": gone.pid, "since": "2026-01-01 00:00:00"}))
+    try:
+        rows = {r.run: r.status for r in collect_runs(sweep_dir)}
+        assert rows == {"lr=0.001": "running", "lr=0.003": "not started",
+                        "lr=0.01": "not started"}
+        code, out, _ = run_cli(capsys, "sweep", str(path), "--sweep-dir", str(sweep_dir),
+                               "--dry-run")
+        assert code == 0 and out.count("(running)") == 1 and out.count("(not started)") == 2
+    finally:
+        lock.release()
+    assert collect_runs(sweep_dir)[0].status == "not started"  # released: free again
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`jaxformer sweep ... --dry-run | head -1`: no traceback when the pipe closes."""
+    import sys
+
+    path = write_experiment(tmp_path / "exp.py", THREE)
+    proc = subprocess.Popen([sys.executable, "-c", "from jaxformer.cli import run; run()",
+                             "sweep", str(path), "--sweep-dir", str(tmp_path / "s"),
+                             "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Broken" not in err, err
