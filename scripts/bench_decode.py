@@ -24,6 +24,18 @@ data (same tokenizer), greedy: the target alone (``Generator``) against
 ``speculative_generate``, each compiled by a first untimed call, then the median of ``--reps``
 timed calls alternating the two; checks that the outputs are identical and reports the
 acceptance rate and the tokens per target call.
+
+    python scripts/bench_decode.py --verify-cost --context 320        # gpt_tiny's shape
+    python scripts/bench_decode.py --verify-cost --width 1024 --heads 8 --calls 40 --reps 3 \
+        --context 64                                                  # 55M parameters
+
+What verifying T draft tokens costs against one step, the bound on speculative decoding's
+speed-up: ``DecoderFamily.step`` of the random GPT-2-shaped decoder (float32, batch 1) for each
+of ``--tokens`` tokens per call, ``--calls`` calls inside one jitted ``fori_loop`` over a cache
+of ``--context`` slots, best of ``--reps``. The table: ms per call, its ratio to the first
+(T = 1), and the speed-up speculative decoding would reach with a draft that costs nothing and
+is always accepted (T tokens per target call of T: T / ratio). A real draft costs k of its own
+steps per round and is rejected at times, so real speed-ups are below that column.
 """
 
 from __future__ import annotations
@@ -56,7 +68,15 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=1.0,
                    help="seconds idle before each timed call, so that the other side's worker "
                         "threads, which spin for a while after their work, have gone to sleep")
+    p.add_argument("--verify-cost", action="store_true",
+                   help="time the target's step for --tokens tokens per call instead")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 9],
+                   help="with --verify-cost: tokens per call (the first is the baseline)")
+    p.add_argument("--calls", type=int, default=100, help="with --verify-cost: calls per loop")
     args = p.parse_args()
+    if args.verify_cost:
+        bench_verify_cost(args)
+        return
     if args.draft is not None:
         bench_speculative(args)
         return
@@ -117,6 +137,59 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b, tj, th, ratio, same, comp in rows:
         print(f"| {b} | {tj:,.0f} | {th:,.0f} | {ratio:.2f}x | {same:.1%} | {comp:.1f} |")
+
+
+def bench_verify_cost(args: argparse.Namespace) -> None:
+    """Prints ms per ``step`` call for each of --tokens tokens per call (see the docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxformer.inference.families import DecoderFamily
+    from jaxformer.models import build_model, presets
+
+    cfg = presets.gpt2(n_layers=args.layers, d_model=args.width, n_heads=args.heads,
+                       vocab_size=args.vocab, max_len=args.context)
+    model = build_model(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    family = DecoderFamily(model.cfg, graphdef)
+    prompt = jnp.zeros((1, 4), jnp.int32)
+    calls = args.calls
+    if 4 + calls + max(args.tokens) > args.context:
+        raise SystemExit(f"error: --context {args.context} holds fewer than the 4 prompt slots "
+                         f"+ --calls {calls} + {max(args.tokens)} tokens")
+
+    def timed(t: int) -> float:
+        @jax.jit
+        def loop(params, prompt):
+            _, state, _ = family.prefill(params, prompt, jnp.array([4]), args.context)
+
+            def body(i, carry):
+                state, acc = carry
+                tokens = jnp.full((1, t), i % 7, jnp.int32)
+                logits, state = family.step(params, tokens, state, 4 + i)
+                return state, acc + logits[0, -1, 0]  # the logits are used: nothing is elided
+
+            return jax.lax.fori_loop(0, calls, body, (state, jnp.zeros(())))[1]
+
+        loop(params, prompt).block_until_ready()  # compile
+        best = float("inf")
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            loop(params, prompt).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        return best / calls * 1e3
+
+    ms = {t: timed(t) for t in args.tokens}
+    base = ms[args.tokens[0]]
+    print(f"# {args.layers} layers, d_model {args.width}, vocabulary {args.vocab}: "
+          f"{n_params / 1e6:.1f}M parameters, {n_params * 4 / 2**20:.0f} MiB float32")
+    print("| tokens per call T | ms per call | ratio to T=1 | speculative bound T / ratio |")
+    print("|---|---|---|---|")
+    for t in args.tokens:
+        print(f"| {t} | {ms[t]:.3f} | {ms[t] / base:.2f} | {t * base / ms[t]:.2f}x |")
 
 
 def bench_speculative(args: argparse.Namespace) -> None:

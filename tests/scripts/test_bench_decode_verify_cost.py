@@ -1,4 +1,4 @@
-"""scripts/bench_verify_cost.py runs as documented and prints one row per token count."""
+"""scripts/bench_decode.py --verify-cost runs as documented: one row per token count."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_prints_a_row_per_token_count():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_verify_cost.py"), "--layers", "1",
+        [sys.executable, str(ROOT / "scripts/bench_decode.py"), "--verify-cost", "--layers", "1",
          "--width", "32", "--heads", "2", "--vocab", "64", "--context", "16", "--calls", "4",
          "--reps", "1", "--tokens", "1", "3"],
         capture_output=True, text=True, check=True, timeout=300).stdout
