@@ -186,7 +186,8 @@ def bench_verify_cost(args: argparse.Namespace) -> None:
     base = ms[args.tokens[0]]
     print(f"# {args.layers} layers, d_model {args.width}, vocabulary {args.vocab}: "
           f"{n_params / 1e6:.1f}M parameters, {n_params * 4 / 2**20:.0f} MiB float32")
-    print("| tokens per call T | ms per call | ratio to T=1 | speculative bound T / ratio |")
+    print(f"| tokens per call T | ms per call | ratio to T={args.tokens[0]} | "
+          "speculative bound T / ratio |")
     print("|---|---|---|---|")
     for t in args.tokens:
         print(f"| {t} | {ms[t]:.3f} | {ms[t] / base:.2f} | {t * base / ms[t]:.2f}x |")
