@@ -1,9 +1,10 @@
 """Byte-level document matching, as in the Long Range Arena's retrieval task (Tay et al. 2021),
 offline: do two Python standard-library files come from the same package? A two-tower encoder
 (``model.two_tower``) reads each file's first 511 bytes on its own, with the same weights, and
-classifies the pair from [u, v, u*v, u-v] of the two pooled states (the mean of each file's
-final states, ``model.pooling='mean'``: with the CLS state alone it stayed at chance). (LRA
-matches papers of the ACL Anthology Network by citation, 4k bytes each.)
+classifies the pair with a ReLU MLP over [u, v, u*v, u-v] of the two pooled states (LRA's dual
+head; u, v the mean of each file's final states, ``model.pooling='mean'``: with the CLS state
+alone it stayed at chance). (LRA matches papers of the ACL Anthology Network by citation, 4k
+bytes each.)
 
     jaxformer train experiments/lra_retrieval.py
 

@@ -16,9 +16,10 @@ Heads follow Hugging Face's BERT classes, chosen by ``cfg.num_labels`` and ``cfg
                       dense D->L. ``classify`` -> [B, L]. This model has no masked-LM head, as in
                       transformers, so its ``__call__`` raises.
     + two_tower       pair classifier (LRA's retrieval, Tay et al. 2021): each row holds two
-                      sequences of T tokens, encoded separately by the same encoder; the
-                      pooled states u, v of their first tokens give [u, v, u*v, u-v] ->
-                      dropout -> dense 4D->L. ``classify_pair`` -> [B, L].
+                      sequences of T tokens, encoded separately by the same encoder; their
+                      pooled states u, v (as above) give [u, v, u*v, u-v] -> dropout ->
+                      dense 4D->F -> ReLU -> dense F->L (F = d_ff; LRA's dual head, which
+                      stacks a second hidden layer). ``classify_pair`` -> [B, L].
     token_labels > 0  token classifier (``BertForTokenClassification``): dropout -> dense D->L
                       on every token's final hidden state, no pooler. ``__call__`` (and
                       ``tag``) -> [B, T, L]: like the masked-LM head, one prediction per token.
@@ -109,7 +110,8 @@ class EncoderModel(nnx.Module):
     ``inputs`` (positions, token types, embedding norm),
     ``rel_bias`` (ALiBi / T5 / Shaw, bidirectional; shared by all layers), ``blocks/{i}``,
     ``final_norm`` (when cfg.final_norm), then either ``mlm`` (num_labels == 0) or ``pooler``
-    (Dense D->D; None with ``cfg.pooler=False``) and ``classifier`` (Dense D->L)
+    (Dense D->D; None with ``cfg.pooler=False``) and ``classifier`` (Dense D->L; with
+    cfg.two_tower ``pair_hidden`` Dense 4D->F, then ``classifier`` Dense F->L)
     (num_labels > 0), or ``token_classifier`` (Dense D->L; token_labels > 0).
     """
 
@@ -135,10 +137,15 @@ class EncoderModel(nnx.Module):
             self.pooler = (Dense(cfg.d_model, cfg.d_model, ("embed", None),
                                  init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
                                  rngs=rngs) if cfg.pooler else None)
-            width = 4 * cfg.d_model if cfg.two_tower else cfg.d_model
-            self.classifier = Dense(width, cfg.num_labels, ("embed", None),
-                                    init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
-                                    rngs=rngs)
+            # A pair is classified by an MLP over [u, v, u*v, u-v], as LRA's dual head: a
+            # linear layer cannot compute |u - v| and, on lra:retrieval, stayed at chance for
+            # 300 steps where this head reached 66% (docs/efficient_attention.md).
+            self.pair_hidden = (Dense(4 * cfg.d_model, cfg.d_ff, ("embed", "mlp"),
+                                      init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
+                                      rngs=rngs) if cfg.two_tower else None)
+            width, axis = (cfg.d_ff, "mlp") if cfg.two_tower else (cfg.d_model, "embed")
+            self.classifier = Dense(width, cfg.num_labels, (axis, None), init_std=cfg.init_std,
+                                    dtype=dtype, param_dtype=pdtype, rngs=rngs)
         elif cfg.patch_size > 0:  # an image encoder without a head: an image-prefix model's
             self.mlm = self.pooler = self.classifier = None  # vision tower (encode_image)
         else:
@@ -146,6 +153,8 @@ class EncoderModel(nnx.Module):
             self.pooler = self.classifier = None
         if cfg.token_labels <= 0:
             self.token_classifier = None
+        if not (cfg.token_labels <= 0 and cfg.num_labels > 0 and cfg.two_tower):
+            self.pair_hidden = None
 
     def encode(self, tokens: jnp.ndarray, positions: jnp.ndarray,
                segment_ids: jnp.ndarray | None = None, token_types: jnp.ndarray | None = None,
@@ -269,7 +278,7 @@ class EncoderModel(nnx.Module):
         u, v = pooled[:, 0], pooled[:, 1]  # [B, D] each
         features = dropout(jnp.concatenate([u, v, u * v, u - v], axis=-1), self.cfg.dropout,
                            rngs[1])
-        return self.classifier(features).astype(jnp.float32)
+        return self.classifier(jax.nn.relu(self.pair_hidden(features))).astype(jnp.float32)
 
     def _pool(self, tokens, positions, segment_ids, token_types, rng) -> jnp.ndarray:
         """BERT's pooler: tanh(dense(h)) [B, D], h the final hidden state of each row's first

@@ -122,10 +122,13 @@ def test_classification_head_and_untied_head():
 
 
 def test_two_tower_head_reads_each_half_on_its_own():
-    """classify_pair = dense([u, v, u*v, u-v]) of the pooled first tokens of two separately
-    encoded halves (written out here with encode, the pooler and the classifier's weights)."""
+    """classify_pair = dense(relu(dense([u, v, u*v, u-v]))), LRA's dual head, of the pooled
+    first tokens of two separately encoded halves (written out here with encode, the pooler
+    and the two dense layers' weights)."""
     model = tiny(num_labels=2, two_tower=True)
-    assert model.classifier.w[...].shape == (4 * 32, 2)
+    d_ff = model.cfg.d_ff
+    assert model.pair_hidden.w[...].shape == (4 * 32, d_ff)
+    assert model.classifier.w[...].shape == (d_ff, 2)
     t = 6
     a = np.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
     b = np.asarray([[20, 21, 22, 0, 0, 0], [30, 31, 32, 33, 34, 0]])
@@ -142,8 +145,11 @@ def test_two_tower_head_reads_each_half_on_its_own():
         return np.tanh(x[:, 0] @ np.asarray(model.pooler.w[...]) + np.asarray(model.pooler.b[...]))
 
     u, v = pooled(a, pos_a, seg_a), pooled(b, pos_b, seg_b)
-    expected = (np.concatenate([u, v, u * v, u - v], axis=1) @ np.asarray(model.classifier.w[...])
-                + np.asarray(model.classifier.b[...]))
+    hidden = np.maximum(np.concatenate([u, v, u * v, u - v], axis=1)
+                        @ np.asarray(model.pair_hidden.w[...])
+                        + np.asarray(model.pair_hidden.b[...]), 0.0)
+    expected = hidden @ np.asarray(model.classifier.w[...]) + np.asarray(model.classifier.b[...])
+    assert (hidden == 0).any() and (hidden > 0).any()  # the ReLU is not a no-op here
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     # the towers are asymmetric in u - v: swapping the documents changes the logits
     swapped = run(model, method="classify_pair",
