@@ -70,6 +70,22 @@ def slot_axis(name: str) -> int:
     return _SLOT_AXIS.get(name, 1)
 
 
+_NO_SLOTS = frozenset({"s", "z"})  # LinearCache's running sums: one size whatever the length
+
+
+def extend_cache(layer_cache: Mapping[str, jnp.ndarray], length: int) -> dict[str, jnp.ndarray]:
+    """One layer's cache (LayerCache, MLACache or LinearCache) with its slots zero-padded up to
+    ``length``: the slots added are empty, as ``init_cache`` makes them."""
+    def pad(name: str, a: jnp.ndarray) -> jnp.ndarray:
+        if name in _NO_SLOTS:
+            return a
+        axis = slot_axis(name)
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, length - a.shape[axis])
+        return jnp.pad(a, widths)
+    return {name: pad(name, a) for name, a in layer_cache.items()}
+
+
 def cache_length(layer_cache: Mapping[str, jnp.ndarray]) -> int:
     """Slots of one layer's cache (a LayerCache or an MLACache)."""
     name, array = next(iter(layer_cache.items()))

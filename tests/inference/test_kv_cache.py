@@ -61,3 +61,49 @@ def test_rows_at_different_slots_equal_rows_decoded_alone():
                 for key in got_layer:
                     np.testing.assert_allclose(got_layer[key][r:r + 1], want_layer[key],
                                                atol=1e-6)
+
+
+def test_prefill_equals_decoding_the_prompt_into_the_whole_cache():
+    """DecoderFamily.prefill attends over the prompt's own slots, computes only the last
+    position's logits and pads the cache after: the logits and every cache array equal one
+    decode of the left-padded prompts into a cache of the full length (dense with RoPE and GQA,
+    a sliding window, MLA, linear attention; causal and prefix-LM), except in the left padding's
+    slots, which no query attends to (what a padding token holds after a layer depends on how
+    many masked slots its own all-masked attention row averaged)."""
+    from jaxformer.inference.families import model_family
+    from jaxformer.models import presets
+    from jaxformer.nn.attention import slot_axis
+    from tests.nn.test_mla import mla_config
+
+    llama = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=50, max_len=32)
+    cases = [(presets.llama(**llama), False), (presets.llama(**llama, sliding_window=4), False),
+             (mla_config(), False), (presets.llama(**llama, attention_type="linear"), False),
+             (presets.llama(**llama), True)]
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 50, (2, 7)))
+    lengths = jnp.asarray([7, 4])  # row 1: three slots of left padding
+
+    def hide_padding(x: jnp.ndarray, name: str) -> np.ndarray:
+        x = np.array(x)
+        if name not in ("s", "z"):  # linear attention's running sums have no slots
+            index = [1] + [slice(None)] * (x.ndim - 1)
+            index[slot_axis(name)] = slice(0, 3)
+            x[tuple(index)] = 0
+        return x
+
+    for cfg, prefix_lm in cases:
+        model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+        family = model_family(cfg, prefix_lm=prefix_lm)
+        params = nnx.to_pure_dict(nnx.state(model))
+        logits, state, slot = family.prefill(params, tokens, lengths, 12)
+        offsets = 7 - lengths
+        want, want_cache = model.decode(tokens, model.init_cache(2, 12), jnp.asarray(0),
+                                        offsets=offsets, prefix_end=7 if prefix_lm else None)
+        assert slot == 7
+        np.testing.assert_allclose(logits, want[:, -1], atol=1e-5, err_msg=cfg.attention_type)
+        for got_layer, want_layer in zip(state["cache"], want_cache, strict=True):
+            assert got_layer.keys() == want_layer.keys()
+            for name in want_layer:
+                got, want_array = (hide_padding(x[name], name) for x in (got_layer, want_layer))
+                assert got.shape == want_array.shape, name
+                np.testing.assert_allclose(got, want_array, atol=1e-5,
+                                           err_msg=f"{cfg.attention_type} {name}")
