@@ -153,7 +153,7 @@ class EncoderModel(nnx.Module):
             self.pooler = self.classifier = None
         if cfg.token_labels <= 0:
             self.token_classifier = None
-        if not (cfg.token_labels <= 0 and cfg.num_labels > 0 and cfg.two_tower):
+        if cfg.token_labels > 0 or cfg.num_labels <= 0:  # the branches without a class head
             self.pair_hidden = None
 
     def encode(self, tokens: jnp.ndarray, positions: jnp.ndarray,
