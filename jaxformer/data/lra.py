@@ -39,7 +39,9 @@ tokens, 10 classes. Images whose index is 0 mod 5 are held out.
 spatial dependencies with horizontal gated recurrent units"): generated 32x32 images of
 dashed curves and two dots; label 1 when the dots are the two ends of one curve, 0 when they
 end two different curves. Every image has two such curves and two short distractors; curves
-never touch (with a one-pixel margin).
+never touch (with a one-pixel margin). A negative's dots are as far apart as a positive's (its
+second curve is walked from a point a positive's gap away), so only tracing a curve tells the
+labels apart.
 
 Ids: 0 PAD, 1 CLS; ListOps: 2..11 the digits 0..9, 12 ``[MIN``, 13 ``[MAX``, 14 ``[MED``, 15
 ``[SM``, 16 ``]`` (17 ids); images: 2 + intensity, text: 2 + byte (258 ids). Training rows are
@@ -86,6 +88,7 @@ LISTOPS_MIN_SEQ_LEN = 17  # CLS + 16 tokens: room for a few expression lengths
 # --- images ----------------------------------------------------------------------------------
 
 SIDE = 32
+PATH_STEPS = 14  # steps of Pathfinder's two paths (distractors: 5)
 PIXELS = SIDE * SIDE
 IMAGE_VOCAB = 2 + 256
 
@@ -222,12 +225,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return 2 + big.reshape(len(big), PIXELS), labels
 
 
-def _curve(rng: np.random.Generator, n_steps: int) -> np.ndarray | None:
+def _curve(rng: np.random.Generator, n_steps: int,
+           start: np.ndarray | None = None) -> np.ndarray | None:
     """Pixel coordinates [n_steps + 1, 2] of a smooth random walk (turns of up to 30 degrees
-    per 1.5-pixel step); None when it leaves the image."""
+    per 1.5-pixel step) from ``start`` (None: a random point); None when it leaves the
+    image."""
     angles = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.uniform(-np.pi / 6, np.pi / 6, n_steps))
     steps = 1.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    points = rng.uniform(2, SIDE - 2, 2) + np.concatenate([np.zeros((1, 2)), np.cumsum(steps, 0)])
+    origin = rng.uniform(2, SIDE - 2, 2) if start is None else start
+    points = origin + np.concatenate([np.zeros((1, 2)), np.cumsum(steps, 0)])
     points = np.rint(points).astype(np.int32)
     return points if ((points >= 0) & (points < SIDE)).all() else None
 
@@ -240,14 +246,14 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
 
 def _place(rng: np.random.Generator, n_steps: int, taken: np.ndarray,
-           tries: int | None = 50) -> np.ndarray | None:
-    """A curve inside the image not touching ``taken`` (one pixel of margin); None when
-    ``tries`` draws all failed (None: draw until one fits)."""
+           tries: int | None = 50, start: np.ndarray | None = None) -> np.ndarray | None:
+    """A curve inside the image not touching ``taken`` (one pixel of margin), from ``start``
+    when given; None when ``tries`` draws all failed (None: draw until one fits)."""
     near = _dilate(taken)
     attempt = 0
     while tries is None or attempt < tries:
         attempt += 1
-        curve = _curve(rng, n_steps)
+        curve = _curve(rng, n_steps, start)
         if curve is not None and not near[curve[:, 0], curve[:, 1]].any():
             return curve
     return None
@@ -261,12 +267,13 @@ def _mask(curves: list[np.ndarray]) -> np.ndarray:
 
 
 def _render(curves: list[np.ndarray], label: int) -> np.ndarray:
-    """Pixel tokens [1024]: the curves dashed (two points drawn, one skipped) at intensity
-    160, 3x3 dots at full intensity on both ends of curve 0 (label 1) or on the last point of
-    curves 0 and 1 (label 0)."""
+    """Pixel tokens [1024]: the curves dashed at intensity 160 (every third point skipped
+    from the second on: a pattern the same read from either end, so a dot covers as much of
+    a curve at its start as at its end), 3x3 dots at full intensity on both ends of curve 0
+    (label 1) or on the last point of curves 0 and 1 (label 0)."""
     image = np.zeros((SIDE, SIDE), np.int32)
     for curve in curves:
-        dashed = curve[np.arange(len(curve)) % 3 != 2]
+        dashed = curve[np.arange(len(curve)) % 3 != 1]
         image[dashed[:, 0], dashed[:, 1]] = 160
     ends = [curves[0][0], curves[0][-1]] if label else [curves[0][-1], curves[1][-1]]
     for y, x in ends:
@@ -274,21 +281,53 @@ def _render(curves: list[np.ndarray], label: int) -> np.ndarray:
     return 2 + image.reshape(PIXELS)
 
 
+def _dot_gap(rng: np.random.Generator) -> float:
+    """The distance between the two ends of a random curve of ``PATH_STEPS`` that fits in
+    the image: what a positive image's dots are apart."""
+    while (curve := _curve(rng, PATH_STEPS)) is None:
+        pass
+    return float(np.linalg.norm(curve[-1] - curve[0]))
+
+
+def _negative_path(rng: np.random.Generator, first: np.ndarray) -> np.ndarray | None:
+    """A second path whose last point (where a negative image's second dot goes) lies a
+    positive image's dot gap (``_dot_gap``) from the end of ``first``, not touching it; None
+    when it does not fit. It is walked from that point and then reversed."""
+    angle = rng.uniform(0, 2 * np.pi)
+    start = first[-1] + _dot_gap(rng) * np.array([np.cos(angle), np.sin(angle)])
+    curve = _place(rng, PATH_STEPS, _mask([first]), start=start)
+    return None if curve is None else curve[::-1]
+
+
+def _paths(rng: np.random.Generator, label: int) -> list[np.ndarray] | None:
+    """Curves 0 and 1 of an image of ``label`` (1: unconstrained, 0: ``_negative_path``), or
+    None when they did not fit."""
+    first = _place(rng, PATH_STEPS, np.zeros((SIDE, SIDE), bool))
+    if first is None:
+        return None
+    second = _place(rng, PATH_STEPS, _mask([first])) if label else _negative_path(rng, first)
+    return None if second is None else [first, second]
+
+
 def random_pathfinder(rng: np.random.Generator, heldout: bool | None = None
                       ) -> tuple[np.ndarray, int]:
-    """-> (pixel tokens [1024] int32, label): two curves of 14 steps and two distractors of
-    5, none touching another; label 1 (probability 1/2): the dots end curve 0 at both ends,
-    0: they end curves 0 and 1. ``heldout`` True/False: the last distractor is redrawn until
+    """-> (pixel tokens [1024] int32, label): two curves of ``PATH_STEPS`` steps and two
+    distractors of 5, none touching another; label 1 (probability 1/2): the dots end curve 0
+    at both ends, 0: they end curves 0 and 1, whose ends are as far apart as a positive's
+    dots (``_negative_path``: else the dots' distance alone gives the label away, as it did
+    for 84% of images before). ``heldout`` True/False: the last distractor is redrawn until
     the image falls on that side of the split (``_is_heldout``)."""
     label = int(rng.integers(2))
     while True:
-        curves: list[np.ndarray] = []
-        for n_steps in (14, 14, 5, 5):
-            curve = _place(rng, n_steps, _mask(curves))
-            if curve is None:
+        curves = _paths(rng, label)
+        if curves is None:
+            continue
+        for _ in range(2):  # the distractors
+            distractor = _place(rng, 5, _mask(curves))
+            if distractor is None:
                 break
-            curves.append(curve)
-        else:
+            curves.append(distractor)
+        if len(curves) == 4:
             break
     tokens = _render(curves, label)
     while heldout is not None and _is_heldout(tokens) != heldout:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.ensemble import HistGradientBoostingClassifier
 
 from jaxformer import config as config_lib
 from jaxformer.config import ConfigError
@@ -248,6 +249,27 @@ def test_pathfinder_dots_mark_one_curve_or_two():
         assert {tuple(p) for p in full} == expected
     labels = [lra.random_pathfinder(np.random.default_rng([0, i]))[1] for i in range(40)]
     assert 0 < sum(labels) < 40
+
+
+def test_pathfinder_labels_are_not_given_away_by_dot_distance_or_ink():
+    """Only tracing the curve tells the labels apart: a classifier on the distance between the
+    dots, the curve pixels and the dot pixels stays near chance. (Before the negatives' dots
+    were placed a positive's gap apart and the dashes read the same from both ends, this
+    test scored 84.7%: the dot distance alone gave the label away.)"""
+    features, labels = [], []
+    for i in range(1000):
+        tokens, label = lra.random_pathfinder(np.random.default_rng([7, i]), False)
+        image = tokens.reshape(32, 32) - 2
+        dots = np.argwhere(image == 255)
+        far = dots[((dots - dots[0]) ** 2).sum(1).argmax()]
+        near_first = ((dots - dots[0]) ** 2).sum(1) <= ((dots - far) ** 2).sum(1)
+        gap = np.linalg.norm(dots[near_first].mean(0) - dots[~near_first].mean(0))
+        features.append([gap, (image == 160).sum(), len(dots)])
+        labels.append(label)
+    x, y = np.asarray(features), np.asarray(labels)
+    model = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(x[:700], y[:700])
+    accuracy = (model.predict(x[700:]) == y[700:]).mean()
+    assert 0.4 < y.mean() < 0.6 and accuracy < 0.6, accuracy  # 300 images: 1 SE = 2.9 points
 
 
 def test_too_small_vocabulary_wrong_classes_and_short_rows_are_one_line_errors():
