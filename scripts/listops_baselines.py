@@ -48,11 +48,16 @@ def top_level(ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int]:
             depth += 1
         elif t == lra.END_ID:
             depth -= 1
-    return int(ids[0] - lra.OP_BASE), digits, children, n_args
+    return operator(ids), digits, children, n_args
+
+
+def operator(ids: np.ndarray) -> int:
+    """The top-level operator's index 0..3: an expression's first token."""
+    return int(ids[0]) - lra.OP_BASE
 
 
 def _bag(ids: np.ndarray) -> np.ndarray:
-    op = top_level(ids)[0]
+    op = operator(ids)
     counts = np.bincount(ids, minlength=lra.LISTOPS_VOCAB)[lra.DIGIT_BASE:]
     return np.concatenate([np.eye(4)[op], counts, [len(ids)]])
 
@@ -77,11 +82,11 @@ FITTED: dict[str, Features] = {
 def operator_majority(train: list[np.ndarray], train_y: np.ndarray,
                       test: list[np.ndarray]) -> np.ndarray:
     """Predictions [n_test]: each expression's operator's most frequent training value."""
-    ops = np.asarray([top_level(t)[0] for t in train])
+    ops = np.asarray([operator(t) for t in train])
     best = {op: int(np.bincount(train_y[ops == op], minlength=10).argmax())
             for op in np.unique(ops)}
     fallback = int(np.bincount(train_y, minlength=10).argmax())
-    return np.asarray([best.get(top_level(t)[0], fallback) for t in test])
+    return np.asarray([best.get(operator(t), fallback) for t in test])
 
 
 def baselines(seq_len: int, n_train: int, n_heldout: int, rounds: int = 200, seed: int = 0,
