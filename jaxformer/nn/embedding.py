@@ -23,12 +23,26 @@ def tied_logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
     copying g into a transposed [V, M] layout (V·M elements, the step's largest array). Here it
     is ``(xᵀ·g)ᵀ`` instead: x is transposed (M·D elements, V/D times fewer), the matmul is in
     the fast row-major form, and the [D, V] result is transposed back.
+
+    The logits themselves, ``x·tableᵀ``, make XLA's CPU matmul copy the whole table into a
+    [D, V] layout first, at every call: in a decoding loop, at every token (V·D elements, for
+    one to a few dozen tokens). With fewer tokens than D they are ``(table·xᵀ)ᵀ`` instead:
+    the table is read as it lies, and only the [V, M] result is transposed (M·V elements, D/M
+    times fewer).
     """
-    return x @ table.T
+    return _logits(x, table)
+
+
+def _logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
+    """x [M, D], table [V, D] -> x·tableᵀ [M, V], in the cheaper order for M (see above)."""
+    if x.shape[0] >= table.shape[1]:  # training: M = batch x length tokens
+        return x @ table.T
+    # the barrier keeps XLA from folding the transposes back into x·tableᵀ
+    return jax.lax.optimization_barrier(table @ x.T).T
 
 
 def _tied_logits_fwd(x, table):
-    return x @ table.T, (x, table)
+    return _logits(x, table), (x, table)
 
 
 def _tied_logits_bwd(residuals, g):
