@@ -17,13 +17,16 @@ unless two logits tie within rounding).
 
 Prints a markdown table for docs/benchmarks.md.
 
-    python scripts/bench_decode.py --target runs/gpt_tiny --draft runs/gpt_draft --k 4
+    python scripts/bench_decode.py --target runs/speculative_target \
+        --draft runs/speculative_draft --k 8 --prompts 8 --prompt-len 32 --new 128 --reps 3
 
 Speculative decoding instead: a trained target run and a smaller draft run trained on the same
-data (same tokenizer), greedy: the target alone (``Generator``) against
-``speculative_generate``, each compiled by a first untimed call, then the median of ``--reps``
-timed calls alternating the two; checks that the outputs are identical and reports the
-acceptance rate and the tokens per target call.
+data (same tokenizer), greedy, batch 1, on ``--prompts`` held-out prompts (the first
+``--prompt-len`` tokens of the target's first validation rows that begin with that many tokens
+of one document): for each, the target alone (``Generator``) against ``speculative_generate``,
+each compiled by a first untimed call, then the median of ``--reps`` timed calls alternating
+the two. A row per prompt and one for all (total new tokens / total median time): whether the
+outputs are identical, the acceptance rate and the tokens per target call.
 
     python scripts/bench_decode.py --verify-cost --context 320        # gpt_tiny's shape
     python scripts/bench_decode.py --verify-cost --width 1024 --heads 8 --calls 40 --reps 3 \
@@ -65,6 +68,8 @@ def main() -> None:
     p.add_argument("--target", type=Path, help="with --draft: a trained target run dir")
     p.add_argument("--draft", type=Path, help="a smaller run dir with the same tokenizer")
     p.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--prompts", type=int, default=8,
+                   help="with --draft: held-out prompts (the target's first validation rows)")
     p.add_argument("--pause", type=float, default=1.0,
                    help="seconds idle before each timed call, so that the other side's worker "
                         "threads, which spin for a while after their work, have gone to sleep")
@@ -193,37 +198,74 @@ def bench_verify_cost(args: argparse.Namespace) -> None:
         print(f"| {t} | {ms[t]:.3f} | {ms[t] / base:.2f} | {t * base / ms[t]:.2f}x |")
 
 
+def heldout_prompts(run: Path, n: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of the first ``n`` validation rows of a text run (rows that
+    begin a document shorter than that are passed over): prompts the models never trained on."""
+    from jaxformer.objectives.tasks import build_task
+    from jaxformer.runs.restore import read_run_config
+    from jaxformer.runs.rundir import TOKENIZER_FILE
+
+    cfg = read_run_config(run)
+    task = build_task(cfg, run / TOKENIZER_FILE, lambda _line: None)
+    prompts: list[list[int]] = []
+    for batch in task.val_batches(64, None):
+        for ids, seg in zip(batch["inputs"], batch["segment_ids"], strict=True):
+            if len(prompts) < n and np.all(seg[:length] == seg[0]):
+                prompts.append([int(t) for t in ids[:length]])
+        if len(prompts) == n:
+            return prompts
+    raise SystemExit(f"error: {run} has fewer than {n} validation rows whose first "
+                     f"{length} tokens are one document")
+
+
 def bench_speculative(args: argparse.Namespace) -> None:
+    """Target alone vs target + draft on held-out prompts (see the docstring)."""
     from jaxformer.inference.generate import Generator
     from jaxformer.inference.restore import load_for_generation
     from jaxformer.inference.speculative import speculative_generate
 
     target, draft = load_for_generation(args.target), load_for_generation(args.draft)
-    prompt = target.encode("def ")
+    prompts = heldout_prompts(args.target, args.prompts, args.prompt_len)
     gen = Generator(target.family, target.params)
+    print(f"# target {args.target}, draft {args.draft}, k {args.k}, {len(prompts)} held-out "
+          f"prompts of {args.prompt_len} tokens, {args.new} new tokens, greedy, "
+          f"threads {args.threads}")
+    print("| prompt | target alone tokens/s | speculative tokens/s | speed-up | "
+          "identical output | acceptance | tokens per target call |")
+    print("|---|---|---|---|---|---|---|")
+    total = {"plain": 0.0, "spec": 0.0}
+    n_tokens = rounds = accepted = proposed = 0
+    all_same = True
+    for i, prompt in enumerate(prompts):
+        def plain(prompt=prompt) -> list[int]:
+            return gen.generate([prompt], args.new)[0].tokens
 
-    def plain() -> list[int]:
-        return gen.generate([prompt], args.new)[0].tokens
+        def spec(prompt=prompt) -> tuple[list[int], object]:
+            return speculative_generate(target.family, target.params, draft.family,
+                                        draft.params, prompt, max_new_tokens=args.new, k=args.k)
 
-    def spec() -> tuple[list[int], object]:
-        return speculative_generate(target.family, target.params, draft.family, draft.params,
-                                    prompt, max_new_tokens=args.new, k=args.k)
-
-    want, (got, stats) = plain(), spec()  # also compiles both
-    times: dict[str, list[float]] = {"plain": [], "spec": []}
-    for _ in range(args.reps):
-        for name, fn in (("plain", plain), ("spec", spec)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    tp, ts = statistics.median(times["plain"]), statistics.median(times["spec"])
-    print(f"# target {args.target}, draft {args.draft}, k {args.k}, {args.new} new tokens, "
-          f"greedy, threads {args.threads}")
-    print("| target alone tokens/s | speculative tokens/s | speed-up | identical output | "
-          "acceptance | tokens per target call |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {len(want) / tp:,.0f} | {len(got) / ts:,.0f} | {tp / ts:.2f}x | {got == want} | "
-          f"{stats.acceptance_rate:.0%} | {stats.tokens_per_target_call:.2f} |")
+        want, (got, stats) = plain(), spec()  # also compiles both (once: one prompt length)
+        times: dict[str, list[float]] = {"plain": [], "spec": []}
+        for _ in range(args.reps):
+            for name, fn in (("plain", plain), ("spec", spec)):
+                time.sleep(args.pause)
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        tp, ts = statistics.median(times["plain"]), statistics.median(times["spec"])
+        total["plain"] += tp
+        total["spec"] += ts
+        n_tokens += len(want)
+        rounds, accepted = rounds + stats.rounds, accepted + stats.accepted
+        proposed += stats.proposed
+        all_same &= got == want
+        print(f"| {i} | {len(want) / tp:,.0f} | {len(got) / ts:,.0f} | {tp / ts:.2f}x | "
+              f"{got == want} | {stats.acceptance_rate:.0%} | "
+              f"{stats.tokens_per_target_call:.2f} |")
+    print(f"| all {len(prompts)} | {n_tokens / total['plain']:,.0f} | "
+          f"{n_tokens / total['spec']:,.0f} | {total['plain'] / total['spec']:.2f}x | "
+          f"{all_same} | {accepted / max(proposed, 1):.0%} | "
+          f"{(accepted + rounds) / max(rounds, 1):.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ existing run dir changed; train, sample and bench work end to end on tiny settin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.command_line import EXPERIMENT, assert_user_error, jaxformer, snapshot
+from tests.command_line import EXPERIMENT, ROOT, assert_user_error, jaxformer, snapshot
 from tests.corpus import write_corpus
 
 TINY = ["--set", "model.n_layers=1", "--set", "model.d_model=32", "--set", "model.n_heads=2",
@@ -156,6 +158,25 @@ def test_sample_prompt_cache_and_flag_errors(trained_run, tmp_path, capsys):
         assert main(["sample", str(run), *flags]) == 2, flags
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert snapshot(run) == before
+
+
+def test_bench_decode_speculative_on_held_out_prompts(trained_run):
+    """scripts/bench_decode.py --draft as docs/benchmarks.md runs it, with the run as its own
+    draft: every draft token accepted, so each target call yields k + 1 tokens, and the output
+    is the target's own on every held-out prompt."""
+    _, run, _ = trained_run
+    before = snapshot(run)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_decode.py"), "--target", str(run), "--draft",
+         str(run), "--k", "3", "--prompts", "2", "--prompt-len", "4", "--new", "6", "--reps",
+         "1", "--pause", "0"], capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["0", "1", "all 2"]  # after the header
+    for row in rows[1:]:
+        assert row[4:] == ["True", "100%", "4.00"], row
+    assert "2 held-out prompts of 4 tokens" in out
     assert snapshot(run) == before
 
 
