@@ -48,6 +48,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -128,20 +129,26 @@ def main() -> None:
         hf_out = run_hf()
         same = np.mean([a == h for ra, rh in zip(jax_out, hf_out, strict=True)
                         for a, h in zip(ra, rh, strict=True)])
-        times = {"jax": [], "hf": []}
-        for _ in range(args.reps):
-            for name, fn in (("jax", run_jax), ("hf", run_hf)):
-                time.sleep(args.pause)
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-        tj, th = statistics.median(times["jax"]), statistics.median(times["hf"])
+        tj, th = alternate((run_jax, run_hf), args.reps, args.pause)
         rows.append((b, b * args.new / tj, b * args.new / th, th / tj, same, compile_s))
     print("| batch | jaxformer tokens/s | transformers tokens/s | speed-up | same tokens | "
           "jaxformer first call (compile + run) s |")
     print("|---|---|---|---|---|---|")
     for b, tj, th, ratio, same, comp in rows:
         print(f"| {b} | {tj:,.0f} | {th:,.0f} | {ratio:.2f}x | {same:.1%} | {comp:.1f} |")
+
+
+def alternate(sides: Sequence[Callable[[], object]], reps: int, pause: float) -> list[float]:
+    """Times each side ``reps`` times, the sides alternating (each after ``pause`` idle
+    seconds) -> each side's median seconds per call."""
+    times: list[list[float]] = [[] for _ in sides]
+    for _ in range(reps):
+        for side, fn in zip(times, sides, strict=True):
+            time.sleep(pause)
+            start = time.perf_counter()
+            fn()
+            side.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def bench_verify_cost(args: argparse.Namespace) -> None:
@@ -245,14 +252,7 @@ def bench_speculative(args: argparse.Namespace) -> None:
                                         draft.params, prompt, max_new_tokens=args.new, k=args.k)
 
         want, (got, stats) = plain(), spec()  # also compiles both (once: one prompt length)
-        times: dict[str, list[float]] = {"plain": [], "spec": []}
-        for _ in range(args.reps):
-            for name, fn in (("plain", plain), ("spec", spec)):
-                time.sleep(args.pause)
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-        tp, ts = statistics.median(times["plain"]), statistics.median(times["spec"])
+        tp, ts = alternate((plain, spec), args.reps, args.pause)
         total["plain"] += tp
         total["spec"] += ts
         n_tokens += len(want)
