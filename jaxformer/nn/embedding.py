@@ -24,11 +24,11 @@ def tied_logits(x: jnp.ndarray, table: jnp.ndarray) -> jnp.ndarray:
     is ``(xᵀ·g)ᵀ`` instead: x is transposed (M·D elements, V/D times fewer), the matmul is in
     the fast row-major form, and the [D, V] result is transposed back.
 
-    The logits themselves, ``x·tableᵀ``, make XLA's CPU matmul copy the whole table into a
-    [D, V] layout first, at every call: in a decoding loop, at every token (V·D elements, for
-    one to a few dozen tokens). With fewer tokens than D they are ``(table·xᵀ)ᵀ`` instead:
-    the table is read as it lies, and only the [V, M] result is transposed (M·V elements, D/M
-    times fewer).
+    The logits themselves, ``x·tableᵀ`` for one token, made XLA's CPU matmul copy the whole
+    table into a [D, V] layout first, inside the loop: a batch-1 decoding loop wrote and read
+    V·D elements at every token to produce V. With fewer tokens than D they are
+    ``(table·xᵀ)ᵀ`` instead: the table is read as it lies, and only the [V, M] result is
+    transposed (M·V elements, D/M times fewer).
     """
     return _logits(x, table)
 
@@ -70,8 +70,9 @@ class Embedding(nnx.Module):
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """Tied un-embedding. x: [B, T, D] -> logits [B, T, V] in float32.
 
-        On CPU through ``tied_logits`` (a faster order of the table's gradient for XLA's CPU
-        matmuls); elsewhere the plain einsum, whose transposes GPU/TPU matmuls absorb.
+        On CPU through ``tied_logits`` (faster orders of the table's gradient, and of the
+        logits of a few tokens, for XLA's CPU matmuls); elsewhere the plain einsum, whose
+        transposes GPU/TPU matmuls absorb.
         """
         table = self.table[...].astype(self.dtype)
         x = x.astype(self.dtype)
