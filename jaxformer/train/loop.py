@@ -254,12 +254,13 @@ def finish(run: Run) -> TrainResult:
     """End-of-run samples (when the run reached ``train.steps``), the hparams record."""
     cfg, step = run.cfg, run.step
     samples: list[str] = []
-    wanted = bool(cfg.sample.prompts) or cfg.sample.count > 0
+    # A classifier's objective samples nothing: no note about a family that cannot decode.
+    wanted = bool(run.objective.sampling) and (bool(cfg.sample.prompts) or cfg.sample.count > 0)
     if wanted and not inference.decodes(cfg.model):
         run.echo(f"samples skipped: model.attention_type={cfg.model.attention_type!r} trains "
                  "and evaluates but does not decode")
         wanted = False
-    if step == cfg.train.steps and run.objective.sampling and wanted:
+    if step == cfg.train.steps and wanted:
         # Every process takes part in gathering the parameters; only the first decodes.
         _, view, view_params = looped(cfg.model, host_params(run.rt.model_params(
             run.state.params)))
