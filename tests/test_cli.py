@@ -203,8 +203,8 @@ def test_efficient_families_train_and_linear_attention_samples(tmp_path, trained
 
 
 def test_classifier_run_ends_with_its_accuracy_against_the_majority_class(tmp_path):
-    """... and, with a family that cannot decode, without a note about skipped samples: a
-    classifier samples nothing whatever its attention."""
+    """The run's last line gives its accuracy beside the majority class's, and a family that
+    cannot decode adds no note about skipped samples: a classifier samples nothing."""
     out = jaxformer("train", "experiments/lra_listops.py", "--set", "train.steps=2",
                     "--set", "eval.every=2", "--set", "eval.batches=1", "--set", "data.seq_len=64",
                     "--set", "model.max_len=64", "--set", "model.attention_type=longformer",
